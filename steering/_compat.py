@@ -1,92 +1,91 @@
-"""Shared provenance record and the checks that compare it with a model (and its tokenizer)."""
+"""Every transformers name that moved between the oldest release we support and today, in one place.
+
+No other module of ``steering`` or ``guardrails`` spells these names (``guardrails._compat``
+re-exports this module). The test suite runs against both ends of the range declared in
+pyproject.toml (the lock in ``constraints/ci.txt`` and the newest releases).
+
+What moved:
+- 5.24 renamed the KV-cache argument of ``generate`` and of every ``forward`` from
+  ``past_key_values`` to ``cache`` (the old name still works there with a FutureWarning), and the
+  model outputs' field with it. Forward hooks see whichever name the caller used, so they must
+  look for both; code that only knew the old name silently stopped seeing the cache.
+- The list of static (compileable) cache implementations grew and is exported under a name that
+  may move again; it is read from transformers where it exists.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
-import warnings
+import inspect
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from torch import nn
+from transformers import DynamicCache
+from transformers.generation import GenerationMixin
 
-from .extract import template_hashes, template_sha256
-from .layers import find_decoder_layers
+__all__ = [
+    "CACHE_KWARG",
+    "CACHE_KWARGS",
+    "STATIC_CACHE_IMPLEMENTATIONS",
+    "get_cache",
+    "is_static_cache",
+    "new_dynamic_cache",
+    "output_cache",
+    "text_config",
+    "without_cache",
+]
 
-__all__ = ["check_against_model", "library_version", "model_record", "now_iso", "short_hash"]
+#: the keyword ``generate`` and ``forward`` take the KV cache by in the installed transformers
+CACHE_KWARG: str = ("cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+                    else "past_key_values")
+#: every keyword a cache may arrive under: a caller may still use the old name where it is deprecated
+CACHE_KWARGS: tuple[str, ...] = tuple(dict.fromkeys((CACHE_KWARG, "cache", "past_key_values")))
 
-
-def library_version() -> str:
-    """The installed mllm-guardrails version (this package's own when not installed)."""
-    try:
-        from importlib.metadata import version
-
-        return version("mllm-guardrails")
-    except Exception:  # not installed (running from a checkout) or metadata unreadable
-        from . import __version__
-
-        return __version__
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def short_hash(h: str | None) -> str:
-    return "none" if h is None else f"sha256 {h[:12]}"
-
-
-def model_record(model: nn.Module, path: str | None = None, processor: Any = None) -> dict[str, Any]:
-    """What a manifest records about the model (and template) a tensor was computed on."""
-    info = find_decoder_layers(model, path)
-    config = getattr(model, "config", None)
-    return {
-        "model_class": type(model).__name__,
-        "name_or_path": str(getattr(config, "name_or_path", "") or ""),
-        "model_type": str(getattr(config, "model_type", "") or ""),
-        "hidden_size": info.hidden_size,
-        "num_layers": info.num_layers,
-        "layer_path": info.path,
-        "chat_template_sha256": template_sha256(processor) if processor is not None else None,
-    }
+try:  # the list transformers itself uses to decide on a static (compileable) cache
+    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS as _STATIC
+except ImportError:  # pragma: no cover - a release that moved it again
+    _STATIC = ("static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked", "offloaded_hybrid",
+               "offloaded_hybrid_chunked")
+#: ``cache_implementation`` values that make ``generate`` use a static cache (and compile the decode step)
+STATIC_CACHE_IMPLEMENTATIONS: tuple[str, ...] = tuple(_STATIC)
 
 
-def check_against_model(
-    what: str,
-    record: dict[str, Any],
-    model: nn.Module,
-    tokenizer: Any = None,
-    *,
-    strict_template: bool = True,
-    path: str | None = None,
-) -> list[str]:
-    """Raise ValueError listing every hard mismatch; return notes on tolerated differences.
+def get_cache(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache in generate/forward keyword arguments, under either name, or None."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
-    Hard: hidden size, number of layers; the chat-template hash when ``strict_template`` (otherwise
-    a warning). Tolerated (cross-model guidance): model class, name, layer path.
-    """
-    info = find_decoder_layers(model, path)
-    errors: list[str] = []
-    notes: list[str] = []
-    if record["hidden_size"] != info.hidden_size:
-        errors.append(f"hidden size {record['hidden_size']} in {what} vs {info.hidden_size} in model")
-    if record["num_layers"] != info.num_layers:
-        errors.append(f"number of layers {record['num_layers']} in {what} vs {info.num_layers} in model")
-    if tokenizer is not None and "chat_template_sha256" in record:  # absent: a hand-made gate, nothing to compare
-        recorded = record.get("chat_template_sha256")
-        have = template_hashes(tokenizer)
-        if recorded not in have and not (recorded is None and not have):
-            shown = short_hash(template_sha256(tokenizer))
-            msg = f"chat template {short_hash(recorded)} in {what} vs {shown} in tokenizer"
-            if strict_template:
-                errors.append(msg)
-            else:
-                warnings.warn(f"{msg}: activations were read under a different prompt format", stacklevel=3)
-                notes.append(msg)
-    if errors:
-        raise ValueError(f"{what} incompatible with {type(model).__name__}: " + "; ".join(errors)
-                         + (". Pass strict_template=False to accept a different chat template"
-                            if any(e.startswith("chat template") for e in errors) else ""))
-    if record.get("model_class") and record["model_class"] != type(model).__name__:
-        notes.append(f"model class {record['model_class']} in {what} vs {type(model).__name__} in model")
-    if record.get("layer_path") and record["layer_path"] != info.path:
-        notes.append(f"layer path {record['layer_path']} in {what} vs {info.path} in model")
-    return notes
+
+def without_cache(kwargs: Mapping[str, Any], *also: str) -> dict[str, Any]:
+    """A copy of ``kwargs`` without the cache (under either name) and without the keys in ``also``."""
+    drop = set(CACHE_KWARGS) | set(also)
+    return {k: v for k, v in kwargs.items() if k not in drop}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a forward returned (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
+    for name in CACHE_KWARGS:
+        value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def is_static_cache(cache: Any) -> bool:
+    """True for a compileable cache that ``generate`` compiles the decode step with (not a DynamicCache)."""
+    return cache is not None and bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, DynamicCache)
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's text config of a (possibly multimodal) model config."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def new_dynamic_cache(config: Any, layers: Iterable[tuple[Any, Any]] | None = None) -> DynamicCache:
+    """A ``DynamicCache`` like the one ``generate`` builds for ``config``, optionally filled with
+    per-layer ``(keys, values)``."""
+    if layers is None:
+        return DynamicCache(config=text_config(config))
+    return DynamicCache(ddp_cache_data=list(layers), config=text_config(config))

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._compat import check_against_model, library_version, model_record, now_iso
+from ._provenance import check_against_model, library_version, model_record, now_iso
 from .extract import Activations, Prompt, extract_activations
 
 __all__ = ["GATE_FILES", "Gate", "GateCalibration", "GateLayerResult", "calibrate_gate", "calibrate_gate_from_prompts"]

@@ -29,8 +29,9 @@ their effect after removal. What is detected, at install:
   ``generation_config.disable_compile`` is not True: transformers then compiles the decode step on
   GPU. Refused on CPU as well, so code tested on a laptop does not break on a GPU.
 and at every forward pass inside the context:
-- a ``past_key_values`` cache that is compileable and not a ``DynamicCache`` (e.g. a ``StaticCache``
-  passed in, or ``generate(cache_implementation="static")``), again unless ``disable_compile``;
+- a KV cache (``cache``; ``past_key_values`` before transformers 5.24) that is compileable and not a
+  ``DynamicCache`` (e.g. a ``StaticCache`` passed in, or ``generate(cache_implementation="static")``),
+  again unless ``disable_compile``;
 - the forward being traced by ``torch.compile`` (``torch.compiler.is_compiling()``): under
   ``fullgraph=True`` (transformers' default) the error surfaces as a torch._dynamo ``Unsupported``
   error that quotes this module's message; without fullgraph dynamo falls back to running the
@@ -48,18 +49,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compat import STATIC_CACHE_IMPLEMENTATIONS, get_cache, is_static_cache, without_cache
 from ._outputs import hidden_of, with_hidden
 from .extract import read_last_token
 from .gate import Gate
 from .layers import LayerInfo, find_decoder_layers, layer_device, layer_dtype
 
 __all__ = ["SteeringHandle", "check_steerable", "compute_gate", "steer"]
-
-try:  # the list transformers itself uses to decide on a static (compileable) cache
-    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS as _STATIC
-except ImportError:  # pragma: no cover - older/newer transformers
-    _STATIC = ("static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked", "offloaded_hybrid",
-               "offloaded_hybrid_chunked")
 
 _FIX = ("set model.generation_config.disable_compile = True (or cache_implementation = 'dynamic'); "
         "steering needs eager execution because compiled graphs can skip Python hooks")
@@ -96,7 +92,7 @@ def check_steerable(model: nn.Module, modules: Sequence[nn.Module] = ()) -> None
                                "function; restore the original forward")
     gen = getattr(model, "generation_config", None)
     impl = getattr(gen, "cache_implementation", None)
-    if impl in _STATIC and not _compile_disabled(model):
+    if impl in STATIC_CACHE_IMPLEMENTATIONS and not _compile_disabled(model):
         raise RuntimeError(f"cannot steer {name}: generation_config.cache_implementation={impl!r} makes generate "
                            f"compile the decode step; {_FIX}")
 
@@ -107,9 +103,8 @@ def _runtime_check(model: nn.Module, kwargs: Mapping[str, Any], cuda: bool) -> N
     if cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("steering hooks ran during CUDA graph capture; a replayed graph would keep or skip them. "
                            "Generate without CUDA graphs while steering")
-    cache = kwargs.get("past_key_values")
-    if (cache is not None and getattr(cache, "is_compileable", False) and type(cache).__name__ != "DynamicCache"
-            and not _compile_disabled(model)):
+    cache = get_cache(kwargs)
+    if is_static_cache(cache) and not _compile_disabled(model):
         raise RuntimeError(f"cannot steer with a {type(cache).__name__} (a compileable static cache): generate "
                            f"compiles the decode step with it; {_FIX}")
 
@@ -141,7 +136,7 @@ def compute_gate(model: nn.Module, gate: Gate, inputs: Mapping[str, Any], *, pat
     info = info or find_decoder_layers(model, path)
     if gate.layer >= info.num_layers:
         raise ValueError(f"gate layer {gate.layer} is out of range: {type(model).__name__} has {info.num_layers} layers")
-    clean = {k: v for k, v in inputs.items() if k not in ("past_key_values", "use_cache")}
+    clean = without_cache(inputs, "use_cache")  # the gate reads; it never writes the caller's cache
     with torch.no_grad():
         acts = read_last_token(model, clean, [gate.layer], info)[gate.layer]
     scores = gate.score(acts)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._compat import text_config
+
 __all__ = ["LayerInfo", "find_decoder_layers", "layer_device", "layer_dtype", "module_path", "resolve_path"]
 
 # Attribute names that hold the decoder blocks inside a decoder module (Llama-style, GPT-2-style).
@@ -103,7 +105,7 @@ def layer_dtype(layer: nn.Module) -> torch.dtype:
 def _hidden_size(model: nn.Module, layers: nn.ModuleList) -> int:
     config = getattr(model, "config", None)
     if config is not None:
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         for name in ("hidden_size", "n_embd", "d_model"):
             value = getattr(text, name, None)
             if isinstance(value, int):

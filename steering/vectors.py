@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._compat import check_against_model, library_version, model_record, now_iso
+from ._provenance import check_against_model, library_version, model_record, now_iso
 from .extract import METHODS, READ_POSITION, Activations, Method, Prompt, compute_directions, extract_activations
 from .gate import GATE_FILES, Gate
 

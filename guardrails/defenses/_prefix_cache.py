@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
+from guardrails._compat import CACHE_KWARG, get_cache, new_dynamic_cache, without_cache
 from guardrails.conversation import Conversation
 from guardrails.engine import Generation
 
@@ -54,7 +54,7 @@ def keep_generation_cache(ctx: Any, stack: contextlib.ExitStack) -> None:
     """In ``_during``: make the answer's ``generate`` fill a cache that after stages can reuse.
 
     Idempotent per call (several defenses share one cache). Never changes what ``generate`` computes:
-    the cache is the same ``DynamicCache(config=...)`` that ``generate`` would create itself.
+    the cache is the same ``DynamicCache`` that ``generate`` would create itself.
     """
     state = ctx.state.setdefault(STATE_KEY, {})
     if "cache" in state or "blocked" in state:
@@ -65,8 +65,8 @@ def keep_generation_cache(ctx: Any, stack: contextlib.ExitStack) -> None:
     reason = None
     if ctx.mode not in ("chat", "stream"):
         reason = f"mode {ctx.mode!r} has no conversation to reuse"
-    elif kw.get("past_key_values") is not None:
-        reason = "the call passed its own past_key_values"
+    elif get_cache(kw) is not None:
+        reason = "the call passed its own KV cache"
     elif kw.get("use_cache", getattr(gen_cfg, "use_cache", True)) is False:
         reason = "use_cache=False"
     elif (impl := kw.get("cache_implementation", getattr(gen_cfg, "cache_implementation", None))) is not None:
@@ -77,10 +77,10 @@ def keep_generation_cache(ctx: Any, stack: contextlib.ExitStack) -> None:
     if reason:
         state["blocked"] = reason
         return
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    kw["past_key_values"] = cache
+    cache = new_dynamic_cache(model.config)
+    kw[CACHE_KWARG] = cache
     # Later stages may call generate with ctx.generate_kwargs: they must never see a filled cache.
-    stack.callback(kw.pop, "past_key_values", None)
+    stack.callback(kw.pop, CACHE_KWARG, None)
     state["cache"] = cache
 
     def snapshot(module, args, kwargs):
@@ -148,7 +148,7 @@ def model_forward(
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         args["position_ids"] = pos[:, start:]
     if cache is not None:
-        args["past_key_values"] = cache
+        args[CACHE_KWARG] = cache
         args["use_cache"] = True
     else:
         args["use_cache"] = False
@@ -225,7 +225,6 @@ class PrefixReuse:
             real = mask[b].bool()
             prompt = ids[b][real].tolist()
             self._ref[row.index] = (b, prompt_len - len(prompt), prompt + list(row.token_ids[:n_generated]))
-        self._text_config = self.model.config.get_text_config(decoder=True)
         return None
 
     # -- layout ----------------------------------------------------------------------------
@@ -280,7 +279,7 @@ class PrefixReuse:
             data.append((nk, nv))
         for r, m, f in zip(rows, kept, full):
             self._note(r, m, len(f))
-        return s, DynamicCache(ddp_cache_data=data, config=self._text_config), None
+        return s, new_dynamic_cache(self.model.config, data), None
 
     def _note(self, row: Any, reused: int, total: int, reason: str | None = None) -> None:
         d = self.info.setdefault(row.index, {"reused_tokens": 0, "prompt_tokens": 0, "recomputed": []})
@@ -332,11 +331,11 @@ class PrefixReuse:
         """Batched generation per row (rows never share a prompt, so one row cannot change another's answer)."""
         if not rows:
             return []
-        kw = {k: v for k, v in generate_kwargs.items() if k not in ("past_key_values", "streamer")}
+        kw = without_cache(generate_kwargs, "streamer")
         kw.setdefault("pad_token_id", _pad_id(self.engine))
 
         def fn(inputs, s, cache):
-            call = dict(inputs) if cache is None else dict(inputs, past_key_values=cache)
+            call = dict(inputs) if cache is None else {**inputs, CACHE_KWARG: cache}
             with torch.inference_mode():
                 out = self.model.generate(**call, **kw)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences

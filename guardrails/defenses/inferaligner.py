@@ -31,17 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from guardrails._compat import STATIC_CACHE_IMPLEMENTATIONS, get_cache, is_static_cache
 from guardrails.defense import CallContext, Defense, Row
 from guardrails.results import Verdict
 from steering import Gate, SteeringVectors, check_steerable, find_decoder_layers, steer
 from steering.extract import template_hashes
 
 GATE_SOURCES = ("auto", "given", "vectors", "none")
-
-try:  # the cache implementations for which generate compiles the decode step
-    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS as _STATIC
-except ImportError:  # pragma: no cover - other transformers versions
-    _STATIC = ("static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked")
 
 _HOOKS_FILE = os.path.join("steering", "hooks.py")
 
@@ -293,13 +289,12 @@ class InferAligner(Defense):
         disabled = bool(getattr(gen, "disable_compile", False)) or bool(
             getattr(kw.get("generation_config"), "disable_compile", False))
         impl = kw.get("cache_implementation", getattr(kw.get("generation_config"), "cache_implementation", None))
-        cache = kw.get("past_key_values")
-        if not disabled and impl in _STATIC:
+        cache = get_cache(kw)
+        if not disabled and impl in STATIC_CACHE_IMPLEMENTATIONS:
             raise RuntimeError(f"{self.name}: cache_implementation={impl!r} makes generate compile the decode step, "
                                "which can skip steering hooks; pass disable_compile=True in the generation config "
                                "or use the default dynamic cache")
-        if (not disabled and cache is not None and getattr(cache, "is_compileable", False)
-                and type(cache).__name__ != "DynamicCache"):
+        if not disabled and is_static_cache(cache):
             raise RuntimeError(f"{self.name}: a {type(cache).__name__} (compileable static cache) was passed; generate "
                                "compiles the decode step with it, which can skip steering hooks; use a DynamicCache")
         if model is not None:
