@@ -173,16 +173,27 @@ def load_model(model: str, *, device: str = "cpu", dtype: str = "auto") -> tuple
 
 
 def build_judge(name: str, *, device: str = "cpu") -> Any:
-    """A judge by CLI name: a registered zero-argument judge, or ``llm:ID_OR_PATH`` (any causal LM)."""
-    from benchmarks.judges import JUDGES, LLMJudge, make_judge
+    """A judge by CLI name: a registered zero-argument judge, ``llm:ID_OR_PATH`` (any causal LM), or
+    ``classifier:default`` / ``classifier:DIR`` (the shipped detector, or one saved by train-detector)."""
+    from benchmarks.judges import JUDGES, ClassifierJudge, LLMJudge, make_judge
 
     if name.startswith("llm:"):
         target = name.split(":", 1)[1]
         model, proc = load_model(target, device=device)
         return LLMJudge(model, getattr(proc, "tokenizer", proc), name=name)
+    if name.startswith("classifier:"):
+        from guardrails.classifiers.default import load_default_detector, load_detector
+
+        target = name.split(":", 1)[1]
+        if not target:
+            raise ValueError("judge 'classifier:' needs a detector: classifier:default or classifier:DIR")
+        detector = load_default_detector() if target == "default" else load_detector(Path(target).expanduser())
+        # Its own operating threshold when it has one (the shipped head does), else 0.5.
+        return ClassifierJudge(detector, threshold=float(getattr(detector, "threshold", 0.5)), name=name)
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; use one of {', '.join(j for j in JUDGES if j not in ('llm', 'classifier'))}, "
-                         "llm:MODEL_ID_OR_PATH, or register one in benchmarks.judges.JUDGES from an --import module")
+                         "llm:MODEL_ID_OR_PATH, classifier:default, classifier:DIR, or register one in "
+                         "benchmarks.judges.JUDGES from an --import module")
     try:
         return make_judge(name)
     except TypeError as e:
@@ -652,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-option", action="append", default=[], type=_kv, metavar="KEY=VALUE",
                    help="option for the dataset loader, e.g. mode=text")
     p.add_argument("--judge", action="extend", nargs="+", required=True, metavar="NAME",
-                   help="judge name(s): keyword-llm-attacks, keyword-jailbreakbench, llm:MODEL_ID_OR_PATH, or registered ones")
+                   help="judge name(s): keyword-llm-attacks, keyword-jailbreakbench, llm:MODEL_ID_OR_PATH, "
+                        "classifier:default, classifier:DIR (a train-detector folder), or registered ones")
     p.add_argument("--refusal-judge", default="keyword-jailbreakbench", help="judge that decides refusal for over-refusal")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--data", default=None, help="data folder (default: $GUARDRAILS_DATA or ../shared/data)")

@@ -90,6 +90,25 @@ def test_shield_reaches_the_model_in_place(tiny, arch, placement):
         assert r.conversation[0]["role"] == "system"
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_template_default_system_prompt_is_kept(tiny, arch):
+    """A template that writes its own system prompt when there is none (ChatML: Qwen2, SmolLM2) keeps it;
+    ours follows it in the same system message. Templates without one get ours alone."""
+    t = tiny(arch)
+    g = wrap(t.model, t.processor, defenses=[SafetySystemPrompt(text=SHIELD)])
+    bare = g.engine.render([[user_turn(t)]])[0]
+    r = g.chat([user_turn(t)], **ONE)
+    v = r.verdicts_of("SafetySystemPrompt")[0]
+    rendered = g.engine.render([r.conversation])[0]
+    default = "You are a helpful assistant."
+    if default in bare:  # the tiny ChatML templates write this default
+        assert v.detail["template_default_system"] == default
+        assert rendered.count(default) == 1 and rendered.index(default) < rendered.index(SHIELD) < rendered.index(QUERY)
+    else:
+        assert "template_default_system" not in v.detail
+        assert default not in rendered
+
+
 @pytest.mark.parametrize("arch", ["llama", "llava", "qwen2_vl", "gemma3"])
 def test_existing_system_message_gets_ours_prepended(tiny, arch):
     t = tiny(arch)

@@ -29,6 +29,8 @@ class SystemSupport:
 
     kind: str
     reason: str = ""
+    #: the system text the template writes when a conversation has none (Qwen2: "You are Qwen, ...")
+    default_system: str | None = None
 
 
 _SUPPORT_CACHE: dict[tuple[int, str], SystemSupport] = {}
@@ -55,8 +57,28 @@ def system_support(engine: Any) -> SystemSupport:
             except Exception:
                 same = False
             support = SystemSupport("template_merges", "the chat template merges the system message into a user turn") if same else SystemSupport("turn")
+            default = _default_system(engine, with_system)
+            if default:
+                support = SystemSupport(support.kind, support.reason, default)
     _SUPPORT_CACHE[key] = support
     return support
+
+
+def _default_system(engine: Any, with_system: str) -> str | None:
+    """The template's own system text for conversations without one, or None.
+
+    Rendered with a probe system message the prompt reads ``head + probe + tail``; rendered without
+    one, a template with a default reads ``head + default + tail`` (Qwen2, SmolLM2).
+    """
+    head, _, tail = with_system.partition(_SYS_PROBE)
+    try:
+        without = engine.render([conv_mod.validate([{"role": "user", "content": _USER_PROBE}])])[0]
+    except Exception:
+        return None
+    if len(without) <= len(head) + len(tail) or not (without.startswith(head) and without.endswith(tail)):
+        return None
+    default = without[len(head):len(without) - len(tail)]
+    return default if default.strip() else None
 
 
 def _text_indices(msg: dict[str, Any]) -> list[int]:
@@ -118,6 +140,11 @@ def place(conversation: Conversation, text: str, placement: str, separator: str,
     if existing:
         conv = prefix_turn(conv, 0, text, _MERGE_SEP)
         detail["existing_system"] = "ours prepended to it"
+    elif support.default_system:
+        # Keep what the model would have seen without us (its template's default system prompt,
+        # which instruction tuning relied on) and add the safety text after it.
+        conv.insert(0, {"role": "system", "content": [{"type": "text", "text": support.default_system + _MERGE_SEP + text}]})
+        detail["template_default_system"] = support.default_system  # kept; ours follows it
     else:
         conv.insert(0, {"role": "system", "content": [{"type": "text", "text": text}]})
     if support.kind == "template_merges":
