@@ -7,30 +7,10 @@ this module re-exports them and adds the ones only ``guardrails`` uses, so no ot
 
 from typing import Any
 
-from steering._compat import (
-    CACHE_KWARG,
-    CACHE_KWARGS,
-    STATIC_CACHE_IMPLEMENTATIONS,
-    get_cache,
-    is_static_cache,
-    new_dynamic_cache,
-    output_cache,
-    text_config,
-    without_cache,
-)
+from steering import _compat as _steering_compat
+from steering._compat import *  # noqa: F403  (re-exported: the names listed in its __all__)
 
-__all__ = [
-    "pil_image_processor",
-    "CACHE_KWARG",
-    "CACHE_KWARGS",
-    "STATIC_CACHE_IMPLEMENTATIONS",
-    "get_cache",
-    "is_static_cache",
-    "new_dynamic_cache",
-    "output_cache",
-    "text_config",
-    "without_cache",
-]
+__all__ = [*_steering_compat.__all__, "pil_image_processor"]
 
 
 def pil_image_processor(model: str) -> Any:
