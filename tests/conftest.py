@@ -18,12 +18,14 @@ from guardrails.data import shared_data_dir  # noqa: E402
 from guardrails.testing import ARCHITECTURES, TinyModel, build_tiny  # noqa: E402
 
 
-def pytest_report_header(config):
-    """The versions this run tested (CI runs the suite against the lock and the newest releases)."""
+def pytest_sessionstart(session):
+    """Print the versions this run tests, also under -q (CI runs against the lock and the newest releases)."""
     from importlib.metadata import version
 
-    names = ("torch", "transformers", "tokenizers", "huggingface_hub")
-    return "versions: " + ", ".join(f"{n} {version(n)}" for n in names)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        names = ("torch", "transformers", "tokenizers", "huggingface_hub")
+        reporter.write_line("versions: " + ", ".join(f"{n} {version(n)}" for n in names))
 
 
 @pytest.fixture(scope="session")
