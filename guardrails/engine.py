@@ -32,6 +32,11 @@ def is_multimodal(model: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def has_image_processor(processor: Any) -> bool:
+    """True for a multimodal processor (one that turns images into pixel values), False for a bare tokenizer."""
+    return getattr(processor, "image_processor", None) is not None
+
+
 class Engine:
     """Turns conversations into model inputs and generated ids back into text, for one model."""
 
@@ -43,6 +48,14 @@ class Engine:
             raise ValueError(
                 f"{type(model).__name__} is a multimodal model and needs its processor: "
                 "wrap(model, AutoProcessor.from_pretrained(model_id), ...)"
+            )
+        if self.multimodal and not has_image_processor(processor):
+            # A tokenizer renders the image placeholders as text and never makes pixel_values:
+            # the model would answer without ever seeing the image.
+            raise ValueError(
+                f"{type(model).__name__} takes images but {type(processor).__name__} has no image processor, so "
+                "images would never reach the model; pass its processor, e.g. "
+                "wrap(model, AutoProcessor.from_pretrained(model_id), ...), not its tokenizer"
             )
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if processor is not None and self.tokenizer is None:

@@ -32,6 +32,8 @@ def load(model_id: str, *, dtype: Any = "auto", device_map: Any = None, trust_re
         AutoTokenizer,
     )
 
+    from guardrails.engine import has_image_processor
+
     local = Path(model_id).expanduser()
     source = str(local) if local.exists() else model_id
     if local.exists() and not (local / "config.json").is_file():
@@ -51,7 +53,7 @@ def load(model_id: str, *, dtype: Any = "auto", device_map: Any = None, trust_re
         processor = proc_cls.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ValueError(_unreachable(model_id, e)) from e
-    if multimodal and getattr(processor, "image_processor", None) is None:
+    if multimodal and not has_image_processor(processor):
         # AutoProcessor falls back to a bare tokenizer when the processor class cannot be built
         # (e.g. a video processor that needs torchvision); images would then never reach the model.
         raise ValueError(

@@ -134,3 +134,16 @@ def test_screen_batch_goes_on_after_a_decompression_bomb(tmp_path, bomb_png, cap
     assert rc == 1 and [r["id"] for r in out] == ["a", "bomb", "z"]
     assert "20000x20000" in out[1]["error"] or "too large" in out[1]["error"]
     assert "flagged" in out[0] and "flagged" in out[2]
+
+
+# -- wrap(vlm, tokenizer) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llava", "idefics3"])
+def test_wrap_refuses_a_tokenizer_for_an_image_model(tiny, arch):
+    from guardrails import wrap
+
+    t = tiny(arch)
+    with pytest.raises(ValueError, match=r"no image processor.*images would never reach the model.*AutoProcessor"):
+        wrap(t.model, t.processor.tokenizer)
+    wrap(t.model, t.processor)  # the processor itself is fine
