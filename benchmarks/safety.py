@@ -416,6 +416,10 @@ def run_safety(cfg: SafetyConfig) -> dict[str, Any] | None:
             key = cfg.run_key()
             key["judge_versions"] = {n: str(j.version) for n, j in judges.items()}
             key["refusal_judge_version"] = str(refusal_judge.version)
+            # Before run_config.json is written: a --model typo must not pin this --out to it.
+            model, processor = load_model(cfg.model, device=info.device, dtype=cfg.dtype)
+            multimodal = is_multimodal(model)
+            convs = [_conversation(s, multimodal, cfg.model) for s in samples]
         except BaseException as e:  # every rank must reach the collective check below
             err = e
         dist_mod.check_all_ok(info, err)
@@ -427,9 +431,6 @@ def run_safety(cfg: SafetyConfig) -> dict[str, Any] | None:
         err = None
         written = 0
         try:
-            model, processor = load_model(cfg.model, device=info.device, dtype=cfg.dtype)
-            multimodal = is_multimodal(model)
-            convs = [_conversation(s, multimodal, cfg.model) for s in samples]
             my_batches = dist_mod.shard_batches(len(samples), cfg.batch_size, info.rank, info.world_size)
             global_ids = {b[0]: n for n, b in enumerate(dist_mod.batches(len(samples), cfg.batch_size))}
             crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
