@@ -60,7 +60,10 @@ def _from_record(record: Any, where: str, field: str | None) -> Any:
 def read_prompts(path: str | os.PathLike, *, column: str | None = None, field: str | None = None,
                  limit: int | None = None) -> list[Any]:
     """Prompts (strings, or conversations from ``{"messages": [...]}`` records) from a file."""
-    p = Path(path)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        # 0 once meant "all" and -3 "all but the last three": refuse both rather than guess.
+        raise CliError(f"--limit must be a positive number of prompts (leave it out to use them all), got {limit!r}")
+    p = Path(path).expanduser()
     if not p.is_file():
         raise CliError(f"prompt file {str(p)!r} does not exist")
     suffix = p.suffix.lower()
@@ -98,7 +101,7 @@ def read_prompts(path: str | os.PathLike, *, column: str | None = None, field: s
         raise CliError(f"{p}: unsupported prompt file type {suffix!r}; use .txt, .csv, .jsonl or .json")
     if not prompts:
         raise CliError(f"{p} holds no prompts")
-    return prompts[:limit] if limit else prompts
+    return prompts if limit is None else prompts[:limit]
 
 
 def parse_layers(text: str | None) -> list[int] | None:

@@ -147,3 +147,81 @@ def test_wrap_refuses_a_tokenizer_for_an_image_model(tiny, arch):
     with pytest.raises(ValueError, match=r"no image processor.*images would never reach the model.*AutoProcessor"):
         wrap(t.model, t.processor.tokenizer)
     wrap(t.model, t.processor)  # the processor itself is fine
+
+
+# -- steering: --limit, non-finite vectors, corrupt artifacts, file modes ----------------------
+
+
+def _vectors(values, gate=None):
+    import torch
+
+    from steering.vectors import Manifest, SteeringVectors
+
+    m = Manifest(model_class="LlamaForCausalLM", name_or_path="x", hidden_size=4, num_layers=2,
+                 layer_path="model.layers", layer_indices=[0], method="mean_diff")
+    return SteeringVectors({0: torch.tensor(values, dtype=torch.float32)}, m, gate=gate)
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_steering_limit_must_be_positive(tmp_path, limit):
+    from steering.cli import CliError, read_prompts
+
+    (tmp_path / "p.txt").write_text("a\nb\nc\nd\n")
+    with pytest.raises(CliError, match=rf"--limit must be a positive number of prompts .*got {limit}"):
+        read_prompts(tmp_path / "p.txt", limit=limit)
+    assert read_prompts(tmp_path / "p.txt", limit=2) == ["a", "b"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_steering_vectors_are_refused(bad):
+    with pytest.raises(ValueError, match="layer 0 holds NaN or infinite values; extract the vectors again"):
+        _vectors([1.0, bad, 0.0, 0.0])
+
+
+def test_non_finite_gate_bias_is_refused():
+    import torch
+
+    from steering import Gate
+
+    with pytest.raises(ValueError, match="bias must be finite"):
+        Gate(layer=0, direction=torch.ones(4), bias=float("nan"))
+
+
+def test_corrupt_steering_artifacts_name_the_file_and_the_fix(tmp_path):
+    import torch
+
+    from steering import Gate, SteeringVectors
+
+    sv = _vectors([1.0, 0.0, 0.0, 0.0], gate=Gate(layer=0, direction=torch.ones(4), bias=-0.5))
+    cases = [
+        ("vectors.safetensors", lambda b: b[: len(b) // 2], r"vectors\.safetensors is not a readable safetensors file .*extract the vectors again"),
+        ("manifest.json", lambda b: b[:-10], r"manifest\.json is not valid JSON .*extract the vectors again"),
+        ("manifest.json", lambda b: b"[1, 2]", r"manifest\.json holds a JSON list, not an object"),
+        ("gate.safetensors", lambda b: b"\0" * 12, r"gate\.safetensors is not a readable safetensors file .*calibrate the gate again"),
+        ("gate.json", lambda b: b"{", r"gate\.json is not valid JSON .*calibrate the gate again"),
+        ("gate.json", lambda b: b.replace(b'"layer"', b'"layr"'), r"gate\.json has a missing or mistyped layer"),
+    ]
+    for name, damage, match in cases:
+        d = tmp_path / f"{name}-{len(match)}"
+        sv.save(d)
+        (d / name).write_bytes(damage((d / name).read_bytes()))
+        with pytest.raises(ValueError, match=match) as info:
+            SteeringVectors.load(d)
+        assert str(d) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_steering_artifacts_have_the_detector_file_modes(tmp_path):
+    import os
+    import stat
+
+    import torch
+
+    from steering import Gate
+
+    old = os.umask(0o077)  # a private umask must not make shared artifacts unreadable
+    try:
+        _vectors([1.0, 0.0, 0.0, 0.0], gate=Gate(layer=0, direction=torch.ones(4), bias=0.0)).save(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["vectors.safetensors", "manifest.json", "gate.safetensors", "gate.json"], 0o644)

@@ -510,7 +510,8 @@ def load_detector(spec: str) -> HarmClassifier:
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"detector={spec!r} is neither 'default' nor a folder; pass a folder written by a probe's save()")
-    from guardrails.classifiers.hidden_probe import KIND, read_manifest
+    from guardrails.classifiers.embedding import read_manifest
+    from guardrails.classifiers.hidden_probe import KIND
 
     kind = read_manifest(path).get("kind")
     if kind == KIND:
