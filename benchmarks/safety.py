@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guardrails._cli import ArgumentParser, entry_point, positive_int
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -151,12 +153,8 @@ def import_plugins(specs: Sequence[str]) -> None:
 
 
 def load_model(model: str, *, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Any]:
-    """``(model, processor)``: ``tiny:ARCH`` (guardrails.testing), ``arch:NAME`` (benchmarks.archs) or an id/path."""
-    if model.startswith("tiny:"):
-        from guardrails.testing import build_tiny
-
-        tiny = build_tiny(model.split(":", 1)[1])
-        return tiny.model.to(device), tiny.processor
+    """``(model, processor)``: ``arch:NAME`` (benchmarks.archs), else what :func:`guardrails.load` takes
+    (``tiny:ARCH``, a registry name, a hub id or a folder)."""
     if model.startswith("arch:"):
         from benchmarks.archs import build_arch
 
@@ -655,7 +653,7 @@ def _kv(pair: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.safety", description=__doc__,
+    p = ArgumentParser(prog="python -m benchmarks.safety", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id, local folder, tiny:ARCH or arch:NAME")
     p.add_argument("--defenses", action="append", required=True, metavar="SPEC",
@@ -669,9 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refusal-judge", default="keyword-jailbreakbench", help="judge that decides refusal for over-refusal")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--data", default=None, help="data folder (default: $GUARDRAILS_DATA or ../shared/data)")
-    p.add_argument("--limit", type=int, default=None, help="first N samples only")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N samples only")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seeds generation per batch and the bootstrap")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK or cpu), cpu, cuda, cuda:N")
@@ -684,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     cfg = SafetyConfig(

@@ -30,8 +30,8 @@ REGISTRY: dict[str, str] = {
 def defense_class(name: str) -> type[Defense]:
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown defense {name!r}{hint} Known: {', '.join(sorted(REGISTRY))}")
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown defense {name!r}{hint}; known: {', '.join(sorted(REGISTRY))}")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

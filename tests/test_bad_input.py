@@ -225,3 +225,180 @@ def test_steering_artifacts_have_the_detector_file_modes(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == dict.fromkeys(["vectors.safetensors", "manifest.json", "gate.safetensors", "gate.json"], 0o644)
+
+
+# -- command lines: one `error:` line, exit 2, never a traceback ---------------------------------
+
+BAD_COMMANDS = [
+    ("guardrails.__main__", ["screen", "--image", "x.png", "--engine", "foo"], "--engine: invalid choice: 'foo'"),
+    ("guardrails.__main__", ["detect", "--text", "a", "--threshold", "7"], "--threshold: the threshold must be a probability in (0, 1]"),
+    ("guardrails.__main__", ["screen", "--batch", "/nope/in.jsonl"], "--batch file '/nope/in.jsonl' does not exist"),
+    ("guardrails.__main__", ["train-detector", "/nope/train.csv", "--out", "OUT"], "/nope/train.csv does not exist"),
+    ("guardrails.__main__", ["detect", "--file", "/nope/rows.jsonl"], "/nope/rows.jsonl does not exist"),
+    ("guardrails.__main__", ["models", "fetch", "nope"], "unknown model 'nope'"),
+    ("steering.cli", ["extract", "--model", "m", "--harmful", "/nope/h.txt", "--harmless", "/nope/b.txt", "--out", "OUT"],
+     "prompt file '/nope/h.txt' does not exist"),
+    ("steering.cli", ["calibrate", "--model", "m", "--harmful", "h", "--harmless", "b", "--vectors", "v", "--limit", "0"],
+     "--limit: must be a whole number >= 1, got '0'"),
+    ("benchmarks.safety", ["--model", "tiny:llama", "--defenses", "none", "--dataset", "xstest", "--judge", "keyword-llm-attacks",
+                           "--out", "OUT", "--data", "/nope"], "data folder '/nope' does not exist"),
+    ("benchmarks.safety", ["--model", "tiny:llama", "--defenses", "none", "--dataset", "xstest", "--judge", "keyword-llm-attacks",
+                           "--out", "OUT", "--limit", "-3"], "--limit: must be a whole number >= 1"),
+    ("benchmarks.latency", ["--out", "OUT", "--model", "/nope/model"], "model folder '/nope/model' does not exist"),
+    ("benchmarks.latency", ["--out", "OUT", "--batch", "a"], "--batch: 'a' must be comma-separated integers"),
+    ("benchmarks.organism", ["--out", "OUT", "--data", "/nope"], "data folder '/nope' (--data) does not exist"),
+    ("benchmarks.ocr_eval", ["--data", "/nope"], "data folder '/nope' (--data) does not exist"),
+    ("benchmarks.ocr_detection", ["--data", "/nope"], "data folder '/nope' (--data) does not exist"),
+    ("benchmarks.train_detector", ["--data", "/nope"], "data folder '/nope' (--data) does not exist"),
+    ("benchmarks.detector_eval", ["--data", "/nope", "--out", "OUT"], "data folder '/nope' (--data) does not exist"),
+    ("benchmarks.download", ["nope", "--dest", "OUT"], "unknown dataset(s) ['nope']"),
+    ("benchmarks.archs", ["vectors", "--arch", "nope", "--out", "OUT"], "unknown architecture 'nope'"),
+    ("benchmarks.prompt_overhead", ["--repeats", "0"], "--repeats, --new-tokens and --prompt-tokens must be positive"),
+    ("benchmarks.protector_latency", ["stop", "--arch", "nope", "--out", "OUT"], "unknown architecture 'nope'"),
+    ("examples.chat", ["--model", "/nope/model"], "model folder '/nope/model' does not exist"),
+    ("examples.chat", ["--model", "tiny:llama", "--defenses", "nope"], "unknown defense 'nope'"),
+]
+
+
+def _run_main(module: str, argv: list[str], capsys) -> tuple[int, str]:
+    import importlib
+
+    try:
+        rc = importlib.import_module(module).main(argv)
+    except SystemExit as e:  # argparse's own exit
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, argv, message", BAD_COMMANDS, ids=[f"{m}:{a[0]}:{i}" for i, (m, a, _) in enumerate(BAD_COMMANDS)])
+def test_every_command_line_prints_one_error_line(module, argv, message, tmp_path, capsys):
+    import guardrails.spec as spec
+
+    registry = dict(spec.REGISTRY)
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    try:
+        rc, err = _run_main(module, argv, capsys)
+    finally:  # benchmarks.protector_latency registers a defense on import
+        spec.REGISTRY.clear()
+        spec.REGISTRY.update(registry)
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_debug_shows_the_traceback_and_the_default_does_not(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "guardrails", "detect", "--file", str(tmp_path / "missing.jsonl")]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and plain.stderr.startswith("error: ") and plain.stderr.count("\n") == 1
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+def test_unexpected_errors_are_one_line_too(capsys):
+    from guardrails._cli import entry_point
+
+    @entry_point
+    def main(argv=None):
+        raise RuntimeError("boom\nsecond line")
+
+    assert main([]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: RuntimeError: boom second line (unexpected; rerun with --debug for the traceback)\n"
+
+
+def test_demo_ctrl_d_exits_quietly(monkeypatch, capsys):
+    import builtins
+    import sys
+
+    from examples import chat
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+
+    def eof(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr(builtins, "input", eof)
+    assert chat.main(["--model", "tiny:llama", "--defenses", "none"]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "Type a message" in out.out
+
+
+def test_ocr_screen_rejects_an_unknown_engine_at_once():
+    from guardrails.defenses import OCRScreen
+
+    with pytest.raises(ValueError, match=r"unknown OCR engine 'nope'; choose one of \['auto', 'rapidocr', 'tesseract'\]"):
+        OCRScreen(engine="nope")
+    with pytest.raises(TypeError, match="engine must be an OCR engine name"):
+        OCRScreen(engine=42)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 1.5, -0.1, float("nan"), "0.5", True])
+def test_threshold_ranges_agree_across_defenses(value):
+    import argparse
+
+    from guardrails._cli import threshold
+    from guardrails.classifiers import KeywordJudge
+    from guardrails.defenses import ECSO, OCRScreen, Protector, SelfModeration
+
+    makers = {
+        "OCRScreen": lambda t: OCRScreen("classify", threshold=t),
+        "Protector": lambda t: Protector(KeywordJudge.llm_attacks(), threshold=t),
+        "SelfModeration": lambda t: SelfModeration(threshold=t),
+        "ECSO": lambda t: ECSO(threshold=t),
+    }
+    for name, make in makers.items():
+        make(1.0)  # the same valid range everywhere: (0, 1]
+        with pytest.raises(ValueError, match=r"threshold must be a probability in \(0, 1\]"):
+            make(value)
+    if not isinstance(value, (str, bool)):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\(0, 1\]"):
+            threshold(str(value))
+
+
+# -- loading: a missing path is a missing path; the offline message -----------------------------
+
+
+@pytest.mark.parametrize("path", ["./no/such/model", "/no/such/model", "~/no-such-model", "runs/a/b"])
+def test_a_missing_path_is_reported_as_a_missing_path(path):
+    from guardrails import load
+
+    with pytest.raises(ValueError, match=r"model folder .* does not exist; pass a folder written by save_pretrained") as info:
+        load(path)
+    assert "Hub" not in str(info.value)
+
+
+def test_offline_message_names_hf_download_and_who_went_offline(monkeypatch):
+    from importlib.metadata import entry_points
+
+    import steering._hub as hub
+    from guardrails import load
+
+    # The command the message names exists in the installed huggingface_hub.
+    assert any(e.name == "hf" and e.value.startswith("huggingface_hub") for e in entry_points(group="console_scripts"))
+    with pytest.raises(ValueError, match=r"HF_HUB_OFFLINE is set in the environment .*hf download no-org/no-model --local-dir DIR"):
+        load("no-org/no-model")
+    monkeypatch.setattr(hub, "_set_by_us", True)  # as when the demo or a CLI set it on finding no network
+    with pytest.raises(ValueError, match=r"cannot be reached from here and there is no cached copy") as info:
+        load("no-org/no-model")
+    assert "HF_HUB_OFFLINE" not in str(info.value)
+
+
+def test_steering_cli_fails_fast_on_an_unreachable_hub_id(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "steering", "extract", "--model", "no-org/no-model", "--harmful",
+                          str(tmp_path / "p.txt"), "--harmless", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    elapsed = time.perf_counter() - t0
+    assert out.returncode == 2 and out.stderr.startswith("error: cannot load 'no-org/no-model'") and out.stderr.count("\n") == 1
+    assert "hf download no-org/no-model" in out.stderr
+    assert elapsed < 15, f"took {elapsed:.1f} s (retries against an unreachable Hub?)"

@@ -439,14 +439,9 @@ def test_detector_validation(tiny_encoder, wordpiece):
 
 # -- command line ---------------------------------------------------------------------------------
 def _cli(argv):
-    import argparse
+    from guardrails.__main__ import main
 
-    from guardrails.classifiers.cli import register
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

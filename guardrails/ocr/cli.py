@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from guardrails._cli import CliError, threshold
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -25,9 +27,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--with-user-text", action="store_true",
                    help="judge the typed text together with the image text (off: the default detector flags "
                    "some benign typed prompts, e.g. FigStep's, so only the image text is judged)")
-    p.add_argument("--engine", default="auto", help="OCR engine: auto (rapidocr, else tesseract), rapidocr, tesseract")
+    p.add_argument("--engine", default="auto", choices=("auto", "rapidocr", "tesseract"),
+                   help="OCR engine: auto (rapidocr, else tesseract), rapidocr, tesseract")
     p.add_argument("--detector", default="default", help="'default' or a saved detector folder")
-    p.add_argument("--threshold", type=float, default=0.5, help="P(unsafe) at or above which an input is flagged")
+    p.add_argument("--threshold", type=threshold, default=0.5, help="P(unsafe) in (0, 1] at or above which an input is flagged")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(func=run)
 
@@ -35,9 +38,9 @@ def register(subparsers: Any) -> None:
 def _inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.image:
         return [{"id": 0, "images": args.image, "text": args.text}]
-    path = Path(args.batch)
+    path = Path(args.batch).expanduser()
     if not path.is_file():
-        raise SystemExit(f"error: --batch file {str(path)!r} does not exist")
+        raise CliError(f"--batch file {str(path)!r} does not exist")
     items = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -67,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
 
     screen = OCRScreen.from_spec("classify", threshold=args.threshold, engine=args.engine, detector=args.detector,
                                  with_user_text=args.with_user_text)
+    # Built now, not at the first row: a missing OCR engine or detector is one error, not one per row.
+    _ = screen.ocr, screen.classifier
+    inputs = _inputs(args)
     failures = 0
-    for item in _inputs(args):
+    for item in inputs:
         out: dict[str, Any] = {"id": item["id"]}
         try:
             if "error" in item:
@@ -79,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
             text = item.get("text") or ""
             if not isinstance(text, str):
                 raise ValueError('"text" must be a string')
-            base = Path(args.batch).parent if args.batch else Path(".")
-            paths = [str(Path(x) if Path(x).is_absolute() or not args.batch else base / x) for x in images]
+            base = Path(args.batch).expanduser().parent if args.batch else Path(".")
+            paths = [str(_resolve(x, base if args.batch else None)) for x in images]
             out.update(screen.screen(paths, text).to_dict())
         except (OSError, ValueError, TypeError) as e:
             failures += 1
@@ -97,8 +103,17 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _resolve(image: str, base: Path | None) -> Path | str:
+    """A --batch path relative to the batch file's folder; URLs are left for the image loader to refuse."""
+    from guardrails.ocr.images import url_error
+
+    if url_error(image):
+        return image
+    p = Path(image).expanduser()
+    return p if p.is_absolute() or base is None else base / p
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m guardrails.ocr.cli")
-    register(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args()
-    sys.exit(a.func(a))
+    from guardrails.__main__ import main
+
+    sys.exit(main(["screen", *sys.argv[1:]]))
