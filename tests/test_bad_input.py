@@ -402,3 +402,61 @@ def test_steering_cli_fails_fast_on_an_unreachable_hub_id(tmp_path):
     assert out.returncode == 2 and out.stderr.startswith("error: cannot load 'no-org/no-model'") and out.stderr.count("\n") == 1
     assert "hf download no-org/no-model" in out.stderr
     assert elapsed < 15, f"took {elapsed:.1f} s (retries against an unreachable Hub?)"
+
+
+# -- calls: stream of a batch, mistyped generation options, spec quoting, eos_token_id ------------
+
+
+def test_stream_of_several_conversations_says_it_takes_one(tiny):
+    from guardrails import wrap
+
+    t = tiny("llama")
+    conv = [{"role": "user", "content": "hi"}]
+    with pytest.raises(TypeError, match=r"stream\(\) takes one conversation .*got a list of 2 conversations; use chat"):
+        wrap(t.model, t.processor).stream([conv, conv])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_new_tokens": "5"}, r"max_new_tokens must be an int, got '5' \(str\)"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be at least 1, got 0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an int"),
+    ({"temperature": "hot"}, "temperature must be a finite number"),
+    ({"do_sample": "yes"}, "do_sample must be True or False"),
+])
+def test_mistyped_generation_options_are_named(tiny, kwargs, match):
+    from guardrails import wrap
+
+    t = tiny("llama")
+    g = wrap(t.model, t.processor)
+    conv = [{"role": "user", "content": "hi"}]
+    for call in (lambda: g.chat(conv, **kwargs), lambda: g.stream(conv, **kwargs),
+                 lambda: g.generate(**t.encode([conv]), **kwargs)):
+        with pytest.raises((TypeError, ValueError), match=match):
+            call()
+
+
+def test_spec_values_with_separators_can_be_quoted_or_escaped():
+    from guardrails.spec import parse_spec
+
+    got = parse_spec("""protector:detector="runs/a,b+c",refusal_text='No, sorry.',other=x\\,y\\+z,note=I can't+ocr:mode=classify""")
+    assert got == [("protector", {"detector": "runs/a,b+c", "refusal_text": "No, sorry.", "other": "x,y+z", "note": "I can't"}),
+                   ("ocr", {"mode": "classify"})]
+    assert parse_spec(r"x:path=C:\models\m") == [("x", {"path": r"C:\models\m"})]  # other backslashes stay
+    for bad, match in [('a:x="open', "unclosed \" quote"), ("a++b", "empty item"), ("a:x=1,x=2", "given twice")]:
+        with pytest.raises(ValueError, match=match):
+            parse_spec(bad)
+
+
+def test_eos_token_id_given_to_chat_is_cut_like_the_configured_one(tiny):
+    from guardrails import wrap
+
+    t = tiny("llama")
+    conv = [{"role": "user", "content": "Tell me a story."}]
+    g = wrap(t.model, t.processor)
+    bare = g.chat(conv, max_new_tokens=12, do_sample=False)
+    stop = bare.token_ids[3]
+    k = bare.token_ids.index(stop)  # its first occurrence: generation stops there
+    r = g.chat(conv, max_new_tokens=12, do_sample=False, eos_token_id=stop)
+    assert r.token_ids == bare.token_ids[:k] and r.text == t.tokenizer.decode(bare.token_ids[:k], skip_special_tokens=True)
+    s = g.stream(conv, max_new_tokens=12, do_sample=False, eos_token_id=[stop])
+    assert "".join(s) == r.text and s.result.token_ids == r.token_ids
