@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from guardrails._cli import ArgumentParser, entry_point, positive_int
+from steering._files import expand_user
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -185,7 +186,7 @@ def build_judge(name: str, *, device: str = "cpu") -> Any:
         target = name.split(":", 1)[1]
         if not target:
             raise ValueError("judge 'classifier:' needs a detector: classifier:default or classifier:DIR")
-        detector = load_default_detector() if target == "default" else load_detector(Path(target).expanduser())
+        detector = load_default_detector() if target == "default" else load_detector(expand_user(target))
         # Its own operating threshold when it has one (the shipped head does), else 0.5.
         return ClassifierJudge(detector, threshold=float(getattr(detector, "threshold", 0.5)), name=name)
     if name not in JUDGES:

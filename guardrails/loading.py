@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from steering._files import expand_user
 from steering._hub import missing_path_message, unreachable_message
 
 
@@ -47,7 +48,7 @@ def load(model_id: str, *, dtype: Any = "auto", device_map: Any = None, trust_re
 
     from guardrails.engine import has_image_processor
 
-    local = Path(model_id).expanduser()
+    local = expand_user(model_id)
     source = str(local) if local.exists() else model_id
     if local.exists() and not (local / "config.json").is_file():
         raise ValueError(f"{model_id!r} is a folder without config.json; point at a folder written by save_pretrained")

@@ -123,6 +123,7 @@ def build_defenses(spec: str) -> list[Defense]:
         factory = getattr(cls, "from_spec", None) or cls
         try:
             defenses.append(factory(**options))
-        except TypeError as e:
+        except (TypeError, ValueError, OSError) as e:
+            # Name the defense: "steering vectors folder 'x' does not exist" alone does not say which option.
             raise ValueError(f"defense {name!r}: {e}") from e
     return defenses

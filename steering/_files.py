@@ -7,13 +7,25 @@ what to do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 #: Artifacts ship in packages and shared folders: readable by all. safetensors itself writes 0600.
 ARTIFACT_MODE = 0o644
+
+
+def expand_user(path: str | os.PathLike) -> Path:
+    """``path`` with ``~`` / ``~user`` expanded; ``~name`` of no such user stays as written, so the caller
+    reports a missing path instead of Path.expanduser's RuntimeError."""
+    p = Path(path)
+    try:
+        return p.expanduser()
+    except RuntimeError:  # "Could not determine home directory"
+        return p
 
 
 def save_tensors(tensors: dict[str, Any], path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:
@@ -44,6 +56,21 @@ def load_tensors(path: str | os.PathLike, *, fix: str, numpy: bool = False) -> d
     except Exception as e:  # safetensors' SafetensorError subclasses only Exception
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path} is not a readable safetensors file ({first}): it is corrupt or truncated; {fix}") from None
+
+
+@contextlib.contextmanager
+def naming(folder: str | os.PathLike) -> Iterator[None]:
+    """Inside, a ValueError or TypeError about an artifact's contents becomes a ValueError naming ``folder``
+    (unless it names it already): "layer_indices [] disagree ..." alone does not say which folder."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if str(folder) in str(e):
+            raise
+        raise ValueError(f"{folder}: {e}") from None
+    except (KeyError, AttributeError, IndexError) as e:  # a manifest field missing, or of the wrong type
+        raise ValueError(f"{folder}: a manifest field is missing or of the wrong type ({type(e).__name__}: {e}); "
+                         "write the artifact again with the library that reads it") from None
 
 
 def read_json(path: str | os.PathLike, *, fix: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
+from ._files import expand_user
 
 HUB_HOST = "huggingface.co"
 #: the download command of the installed huggingface_hub (>= 1.0 ships `hf`; `huggingface-cli` is gone)
@@ -39,7 +39,7 @@ def is_path(model_id: str) -> bool:
 
 def missing_path_message(model_id: str) -> str | None:
     """The error for a path that does not exist (never reported as an unreachable hub id), else None."""
-    if is_path(model_id) and not Path(model_id).expanduser().exists():
+    if is_path(model_id) and not expand_user(model_id).exists():
         return f"model folder {model_id!r} does not exist; pass a folder written by save_pretrained (or a hub id owner/name)"
     return None
 
@@ -50,7 +50,7 @@ def go_offline_if_unreachable(model_id: str) -> bool:
     Only a local cache can serve the model then, and transformers fails at once instead of retrying.
     """
     global _set_by_us
-    if offline() or Path(model_id).expanduser().exists() or hub_reachable():
+    if offline() or expand_user(model_id).exists() or hub_reachable():
         return False
     os.environ["HF_HUB_OFFLINE"] = "1"
     _set_by_us = True

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._cli import ArgumentParser, CliError, entry_point, positive_int
+from ._files import expand_user
 from ._hub import go_offline_if_unreachable, missing_path_message, unreachable_message
 
 __all__ = ["CliError", "load_model", "main", "parse_layers", "read_prompts"]
@@ -62,7 +63,7 @@ def read_prompts(path: str | os.PathLike, *, column: str | None = None, field: s
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         # 0 once meant "all" and -3 "all but the last three": refuse both rather than guess.
         raise CliError(f"--limit must be a positive number of prompts (leave it out to use them all), got {limit!r}")
-    p = Path(path).expanduser()
+    p = expand_user(path)
     if not p.is_file():
         raise CliError(f"prompt file {str(p)!r} does not exist")
     suffix = p.suffix.lower()
@@ -139,7 +140,7 @@ def load_model(model_id: str, *, dtype: str = "auto", device: str = "auto", devi
     import torch
     import transformers as tf
 
-    local = Path(model_id).expanduser()
+    local = expand_user(model_id)
     source = str(local) if local.exists() else model_id
     if local.exists() and not (local / "config.json").is_file():
         raise CliError(f"{model_id!r} is a folder without config.json; point --model at a save_pretrained folder")
@@ -273,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Before transformers is imported: a local folder needs no hub, and a hub id with no network
     # would otherwise cost ~25 s of retries before the same error.
-    if Path(args.model).expanduser().exists():
+    if expand_user(args.model).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     else:
         go_offline_if_unreachable(args.model)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._files import load_tensors, read_json, save_tensors, write_json
+from ._files import load_tensors, naming, read_json, save_tensors, write_json
 from ._provenance import check_against_model, library_version, model_record, now_iso
 from .extract import Activations, Prompt, extract_activations
 
@@ -104,6 +104,11 @@ class Gate:
         missing = [n for n in GATE_FILES if not (d / n).is_file()]
         if missing:
             raise FileNotFoundError(f"no gate in {str(d)!r}: missing {', '.join(missing)}; run calibration first")
+        with naming(d):
+            return cls._load(d)
+
+    @classmethod
+    def _load(cls, d: Path) -> Gate:
         meta = read_json(d / GATE_FILES[1], fix=_REDO)
         if meta.get("format") != _GATE_FORMAT:
             raise ValueError(f"{d / GATE_FILES[1]} is not a steering gate (format={meta.get('format')!r})")
@@ -118,11 +123,8 @@ class Gate:
         tensors = load_tensors(d / GATE_FILES[0], fix=_REDO)
         if set(tensors) != {"direction"}:
             raise ValueError(f"{d / GATE_FILES[0]} must hold exactly one tensor 'direction', found {sorted(tensors)}")
-        try:
-            gate = cls(layer=meta["layer"], direction=tensors["direction"], bias=meta["bias"],
-                       metrics=dict(meta.get("metrics", {})), source=dict(meta.get("source", {})))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{d}: {e}; {_REDO}") from None
+        gate = cls(layer=meta["layer"], direction=tensors["direction"], bias=meta["bias"],
+                   metrics=dict(meta.get("metrics", {})), source=dict(meta.get("source", {})))
         if gate.hidden_size != meta["hidden_size"]:
             raise ValueError(f"gate direction has {gate.hidden_size} entries but gate.json says hidden size {meta['hidden_size']}")
         return gate

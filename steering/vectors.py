@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._files import load_tensors, read_json, save_tensors, write_json
+from ._files import load_tensors, naming, read_json, save_tensors, write_json
 from ._provenance import check_against_model, library_version, model_record, now_iso
 from .extract import METHODS, READ_POSITION, Activations, Method, Prompt, compute_directions, extract_activations
 from .gate import GATE_FILES, Gate
@@ -168,20 +168,17 @@ class SteeringVectors:
         missing = [n for n in (TENSOR_FILE, MANIFEST_FILE) if not (d / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{str(d)!r} is not a steering-vectors folder: missing {', '.join(missing)}")
-        data = read_json(d / MANIFEST_FILE, fix=_REDO)
-        try:
-            manifest = Manifest.from_dict(data)
-        except (TypeError, ValueError) as e:  # a hand-edited manifest: say which file
-            raise ValueError(f"{d / MANIFEST_FILE}: {e}") from None
-        tensors = load_tensors(d / TENSOR_FILE, fix=_REDO)
-        vectors: dict[int, torch.Tensor] = {}
-        for key, value in tensors.items():
-            prefix, _, index = key.partition(".")
-            if prefix != "layer" or not index.isdigit():
-                raise ValueError(f"unexpected tensor {key!r} in {d / TENSOR_FILE}; expected 'layer.<index>' keys")
-            vectors[int(index)] = value
-        gate = Gate.load(d) if with_gate and all((d / n).is_file() for n in GATE_FILES) else None
-        return cls(vectors=vectors, manifest=manifest, gate=gate)
+        with naming(d):
+            manifest = Manifest.from_dict(read_json(d / MANIFEST_FILE, fix=_REDO))
+            tensors = load_tensors(d / TENSOR_FILE, fix=_REDO)
+            vectors: dict[int, torch.Tensor] = {}
+            for key, value in tensors.items():
+                prefix, _, index = key.partition(".")
+                if prefix != "layer" or not index.isdigit():
+                    raise ValueError(f"unexpected tensor {key!r} in {d / TENSOR_FILE}; expected 'layer.<index>' keys")
+                vectors[int(index)] = value
+            gate = Gate.load(d) if with_gate and all((d / n).is_file() for n in GATE_FILES) else None
+            return cls(vectors=vectors, manifest=manifest, gate=gate)
 
     # -- checks -----------------------------------------------------------------------------
 

@@ -84,6 +84,16 @@ def test_home_is_expanded_in_image_paths(tmp_path, monkeypatch):
     assert load_image("~/cat.png").size == (16, 16)
 
 
+def test_home_of_an_unknown_user_is_a_missing_path():
+    """Found by the fuzz suite: Path('~0').expanduser() raises RuntimeError."""
+    from guardrails import load
+
+    with pytest.raises(ImageError, match=r"image file not found: '~0'"):
+        load_image("~0")
+    with pytest.raises(ValueError, match=r"model folder '~nosuchuser/m' does not exist"):
+        load("~nosuchuser/m")
+
+
 def test_image_url_is_rejected_at_validation_with_the_fix():
     from guardrails.conversation import validate
 
@@ -460,3 +470,37 @@ def test_eos_token_id_given_to_chat_is_cut_like_the_configured_one(tiny):
     assert r.token_ids == bare.token_ids[:k] and r.text == t.tokenizer.decode(bare.token_ids[:k], skip_special_tokens=True)
     s = g.stream(conv, max_new_tokens=12, do_sample=False, eos_token_id=[stop])
     assert "".join(s) == r.text and s.result.token_ids == r.token_ids
+
+
+# -- found by the fuzz suite ------------------------------------------------------------------------
+
+
+def test_inconsistent_artifact_contents_name_the_folder(tmp_path):
+    from guardrails.classifiers.embedding import EmbeddingProbe, LinearHead
+    from guardrails.testing import build_tokenizer
+    from steering import SteeringVectors
+
+    _vectors([1.0, 0.0, 0.0, 0.0]).save(tmp_path / "sv")
+    man = json.loads((tmp_path / "sv" / "manifest.json").read_text())
+    man["layer_indices"] = []
+    (tmp_path / "sv" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'sv'}: manifest layer_indices \[\] disagree"):
+        SteeringVectors.load(tmp_path / "sv")
+
+    def encoder(*a):
+        raise AssertionError("not run")
+
+    tok = build_tokenizer("llama")
+    d = EmbeddingProbe(encoder, tok, LinearHead(np.ones(3), 0.0, np.zeros(3), np.ones(3))).save(tmp_path / "probe")
+    man = json.loads((d / "manifest.json").read_text())
+    del man["config"]
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match=rf"^{d}: a manifest field is missing or of the wrong type \(KeyError: 'config'\)"):
+        EmbeddingProbe.load(d, encoder, tok)
+
+
+def test_a_spec_naming_a_missing_folder_names_the_defense():
+    from guardrails.spec import build_defenses
+
+    with pytest.raises(ValueError, match=r"^defense 'inferaligner': steering vectors folder '/no/vectors' does not exist"):
+        build_defenses("inferaligner:vectors=/no/vectors")

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from steering._files import expand_user
+
 from guardrails._cli import positive_int, threshold
 
 _TRUE = {"1", "unsafe", "harmful", "true", "yes"}
@@ -35,7 +37,7 @@ def _label(value: Any, where: str) -> int:
 
 def read_rows(path: str | os.PathLike, *, need_label: bool) -> list[dict[str, Any]]:
     """Rows of a CSV (header ``text,label[,query]``) or JSONL file (``{"text", "label", "query"}``)."""
-    p = Path(path).expanduser()
+    p = expand_user(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist")
     if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):

@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from steering._files import expand_user
+
 from guardrails.classifiers.base import HarmClassifier
 from guardrails.classifiers.embedding import MANIFEST, EmbeddingProbe, read_manifest, sha256_file
 
@@ -115,7 +117,7 @@ def load_detector(directory: str | os.PathLike, encoder: Any = None, tokenizer: 
     from guardrails.classifiers.detector import KIND as DETECTOR_KIND
     from guardrails.classifiers.detector import PromptResponseDetector
 
-    d = Path(directory).expanduser()
+    d = expand_user(directory)
     if not (d / MANIFEST).is_file():
         raise FileNotFoundError(f"{d / MANIFEST} not found: pass a folder written by train-detector or a probe's save()")
     man = read_manifest(d)

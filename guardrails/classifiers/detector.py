@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from steering._files import save_tensors, write_json
+from steering._files import naming, save_tensors, write_json
+
 from guardrails.classifiers._common import encode
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.classifiers.embedding import (
@@ -171,16 +172,17 @@ class PromptResponseDetector(HarmClassifier):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, encoder: Any, tokenizer: Any, *, threshold: float = 0.5) -> PromptResponseDetector:
-        man, tensors = read_probe_dir(directory)
-        if man.get("kind") != KIND:
-            raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
-        heads = {h: LinearHead.from_tensors(tensors, prefix=f"{h}.") for h in HEADS}
-        declared = man.get("heads") if isinstance(man.get("heads"), dict) else {}
-        for h in HEADS:
-            entry = declared.get(h)
-            check_n_features(directory, entry.get("n_features") if isinstance(entry, dict) else None,
-                             heads[h].n_features, f"the {h} head")
-        skip = ("format_version", "kind", "name", "library_version", "features", "heads", "head_file", "head_sha256", "stack_features", "keyword_features")
-        meta = {k: v for k, v in man.items() if k not in skip}
-        return cls(encoder, tokenizer, heads, features=FeatureConfig.from_dict(man["features"]), name=man.get("name", KIND),
-                   metadata=meta, threshold=threshold, keyword_features=man.get("keyword_features", []))
+        with naming(directory):
+            man, tensors = read_probe_dir(directory)
+            if man.get("kind") != KIND:
+                raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
+            heads = {h: LinearHead.from_tensors(tensors, prefix=f"{h}.") for h in HEADS}
+            declared = man.get("heads") if isinstance(man.get("heads"), dict) else {}
+            for h in HEADS:
+                entry = declared.get(h)
+                check_n_features(directory, entry.get("n_features") if isinstance(entry, dict) else None,
+                                 heads[h].n_features, f"the {h} head")
+            skip = ("format_version", "kind", "name", "library_version", "features", "heads", "head_file", "head_sha256", "stack_features", "keyword_features")
+            meta = {k: v for k, v in man.items() if k not in skip}
+            return cls(encoder, tokenizer, heads, features=FeatureConfig.from_dict(man["features"]), name=man.get("name", KIND),
+                       metadata=meta, threshold=threshold, keyword_features=man.get("keyword_features", []))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from steering._files import load_tensors, read_json, save_tensors, write_json
+from steering._files import load_tensors, naming, read_json, save_tensors, write_json
 
 from guardrails.classifiers._common import QA_FORMAT, TEXT_ONLY_FORMAT, check_format, encode, format_rows
 from guardrails.classifiers.base import HarmClassifier, HarmScore
@@ -306,18 +306,19 @@ class EmbeddingProbe(HarmClassifier):
     @classmethod
     def load(cls, directory: str | os.PathLike, encoder: Any, tokenizer: Any, *, threshold: float | None = None) -> EmbeddingProbe:
         """Load a saved probe onto ``encoder``/``tokenizer`` (the same encoder it was fitted with)."""
-        man, tensors = read_probe_dir(directory)
-        if man.get("kind") != "embedding-probe":
-            raise ValueError(f"{directory} holds a {man.get('kind')!r}, not an embedding probe")
-        cfg = dict(man["config"])
-        if threshold is not None:
-            cfg["threshold"] = threshold
-        head = LinearHead.from_tensors(tensors)
-        check_n_features(directory, man.get("n_features"), head.n_features, "the head")
-        meta = {k: v for k, v in man.items() if k not in ("format_version", "kind", "name", "library_version", "config", "head_file", "n_features", "head_sha256")}
-        probe = cls(encoder, tokenizer, head, config=ProbeConfig.from_dict(cfg), name=man.get("name", "embedding-probe"), metadata=meta)
-        probe.encoder_name = str(man.get("encoder", {}).get("name", probe.encoder_name))
-        return probe
+        with naming(directory):
+            man, tensors = read_probe_dir(directory)
+            if man.get("kind") != "embedding-probe":
+                raise ValueError(f"{directory} holds a {man.get('kind')!r}, not an embedding probe")
+            cfg = dict(man["config"])
+            if threshold is not None:
+                cfg["threshold"] = threshold
+            head = LinearHead.from_tensors(tensors)
+            check_n_features(directory, man.get("n_features"), head.n_features, "the head")
+            meta = {k: v for k, v in man.items() if k not in ("format_version", "kind", "name", "library_version", "config", "head_file", "n_features", "head_sha256")}
+            probe = cls(encoder, tokenizer, head, config=ProbeConfig.from_dict(cfg), name=man.get("name", "embedding-probe"), metadata=meta)
+            probe.encoder_name = str(man.get("encoder", {}).get("name", probe.encoder_name))
+            return probe
 
 
 #: what to do about a detector folder that cannot be read

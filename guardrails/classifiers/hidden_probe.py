@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from steering._files import save_tensors, write_json
+from steering._files import naming, save_tensors, write_json
 
 from guardrails.classifiers.embedding import LinearHead, check_n_features, read_probe_dir, sha256_file
 from guardrails.classifiers.base import HarmClassifier, HarmScore
@@ -514,26 +514,27 @@ class HiddenStateProbe(HarmClassifier):
     @classmethod
     def load(cls, directory: str | os.PathLike, model: Any = None, processor: Any = None) -> HiddenStateProbe:
         """Load a saved probe; bound to ``model`` when given (checked against the manifest), else unbound."""
-        man, tensors = read_probe_dir(directory)
-        if man.get("kind") != KIND:
-            raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
-        head_path = Path(directory) / man.get("head_file", HEAD_FILE)
-        fit = man.get("fit", {})
-        sig = _Signature(**man["model"])
-        probe = cls(layer=int(man["layer"]), pooling=man["pooling"], layers_path=sig.layers_path,
-                    C=fit.get("C", 1.0), class_weight=fit.get("class_weight", "balanced"), max_iter=fit.get("max_iter", 2000),
-                    batch_size=man.get("batch_size", 8), name=man.get("name"))
-        probe.head = _Head.from_tensors(tensors)
-        check_n_features(directory, man.get("n_features"), probe.head.n_features, "the head")
-        if probe.head.n_features != sig.hidden_size:
-            raise ValueError(f"{head_path} has {probe.head.n_features} weights but the manifest says hidden size {sig.hidden_size}")
-        probe.signature = sig
-        skip = {"format_version", "kind", "name", "library_version", "model", "pooling", "features", "fit", "batch_size",
-                "head_file", "n_features", "head_sha256"}
-        probe.metadata = {k: v for k, v in man.items() if k not in skip}
-        if model is not None:
-            probe.bind(model, processor)
-        return probe
+        with naming(directory):
+            man, tensors = read_probe_dir(directory)
+            if man.get("kind") != KIND:
+                raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
+            head_path = Path(directory) / man.get("head_file", HEAD_FILE)
+            fit = man.get("fit", {})
+            sig = _Signature(**man["model"])
+            probe = cls(layer=int(man["layer"]), pooling=man["pooling"], layers_path=sig.layers_path,
+                        C=fit.get("C", 1.0), class_weight=fit.get("class_weight", "balanced"), max_iter=fit.get("max_iter", 2000),
+                        batch_size=man.get("batch_size", 8), name=man.get("name"))
+            probe.head = _Head.from_tensors(tensors)
+            check_n_features(directory, man.get("n_features"), probe.head.n_features, "the head")
+            if probe.head.n_features != sig.hidden_size:
+                raise ValueError(f"{head_path} has {probe.head.n_features} weights but the manifest says hidden size {sig.hidden_size}")
+            probe.signature = sig
+            skip = {"format_version", "kind", "name", "library_version", "model", "pooling", "features", "fit", "batch_size",
+                    "head_file", "n_features", "head_sha256"}
+            probe.metadata = {k: v for k, v in man.items() if k not in skip}
+            if model is not None:
+                probe.bind(model, processor)
+            return probe
 
 
 def _conversation(query: Any, i: int) -> list[dict[str, Any]]:

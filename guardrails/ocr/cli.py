@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from guardrails._cli import CliError, threshold
+from steering._files import expand_user
+
+from guardrails._cli import USER_ERRORS, CliError, one_line, threshold
 
 
 def register(subparsers: Any) -> None:
@@ -38,7 +40,7 @@ def register(subparsers: Any) -> None:
 def _inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.image:
         return [{"id": 0, "images": args.image, "text": args.text}]
-    path = Path(args.batch).expanduser()
+    path = expand_user(args.batch)
     if not path.is_file():
         raise CliError(f"--batch file {str(path)!r} does not exist")
     items = []
@@ -73,24 +75,11 @@ def run(args: argparse.Namespace) -> int:
     # Built now, not at the first row: a missing OCR engine or detector is one error, not one per row.
     _ = screen.ocr, screen.classifier
     inputs = _inputs(args)
+    base = expand_user(args.batch).parent if args.batch else None
     failures = 0
     for item in inputs:
-        out: dict[str, Any] = {"id": item["id"]}
-        try:
-            if "error" in item:
-                raise ValueError(item["error"])
-            images = item.get("images")
-            if not isinstance(images, list) or not images or not all(isinstance(x, str) for x in images):
-                raise ValueError('"images" must be a non-empty list of file paths')
-            text = item.get("text") or ""
-            if not isinstance(text, str):
-                raise ValueError('"text" must be a string')
-            base = Path(args.batch).expanduser().parent if args.batch else Path(".")
-            paths = [str(_resolve(x, base if args.batch else None)) for x in images]
-            out.update(screen.screen(paths, text).to_dict())
-        except (OSError, ValueError, TypeError) as e:
-            failures += 1
-            out["error"] = str(e)
+        out = screen_item(screen, item, base)
+        failures += "error" in out
         if args.json:
             print(json.dumps(out, ensure_ascii=False), flush=True)
         elif "error" in out:
@@ -103,13 +92,36 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def screen_item(screen: Any, item: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """One output line for one input: the screen's result, or ``{"id", "error"}``; never raises.
+
+    Relative image paths are resolved against ``base`` (the --batch file's folder).
+    """
+    out: dict[str, Any] = {"id": item["id"]}
+    try:
+        if "error" in item:
+            raise ValueError(item["error"])
+        images = item.get("images")
+        if not isinstance(images, list) or not images or not all(isinstance(x, str) for x in images):
+            raise ValueError('"images" must be a non-empty list of file paths')
+        text = item.get("text") or ""
+        if not isinstance(text, str):
+            raise ValueError('"text" must be a string')
+        out.update(screen.screen([str(_resolve(x, base)) for x in images], text).to_dict())
+    except USER_ERRORS as e:
+        out["error"] = one_line(e)
+    except Exception as e:  # noqa: BLE001 - an engine failing on one image must not end the run
+        out["error"] = f"{type(e).__name__}: {one_line(e)}"
+    return out
+
+
 def _resolve(image: str, base: Path | None) -> Path | str:
     """A --batch path relative to the batch file's folder; URLs are left for the image loader to refuse."""
     from guardrails.ocr.images import url_error
 
     if url_error(image):
         return image
-    p = Path(image).expanduser()
+    p = expand_user(image)
     return p if p.is_absolute() or base is None else base / p
 
 

@@ -21,6 +21,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from steering._files import expand_user
+
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 """PIL image, file path, encoded file bytes, or a uint8 array (HxW, HxWx1, HxWx3 RGB, HxWx4 RGBA)."""
 
@@ -87,7 +89,7 @@ def load_image(image: ImageInput, *, max_pixels: int | None = None) -> Image.Ima
     if isinstance(image, (str, os.PathLike)):
         if isinstance(image, str) and (msg := url_error(image)):
             raise ImageError(msg)
-        return _open_path(Path(image).expanduser(), cap)
+        return _open_path(expand_user(image), cap)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return _open_bytes(bytes(image), cap)
     if isinstance(image, np.ndarray):
