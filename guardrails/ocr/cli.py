@@ -44,10 +44,13 @@ def _inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not path.is_file():
         raise CliError(f"--batch file {str(path)!r} does not exist")
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+    # Lines end at "\n" only (str.splitlines would also cut at U+2028, which JSON strings may hold),
+    # and each is decoded alone: one bad line is one error row, not a lost run.
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
+            line = raw.decode("utf-8")
             item = json.loads(line)
             if not isinstance(item, dict):
                 raise ValueError("each line must be a JSON object")
