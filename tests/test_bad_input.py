@@ -499,6 +499,14 @@ def test_inconsistent_artifact_contents_name_the_folder(tmp_path):
         EmbeddingProbe.load(d, encoder, tok)
 
 
+@pytest.mark.parametrize("value", [float("inf"), 2.5, "3", -1])
+def test_ocr_screen_min_chars_is_checked(value):
+    from guardrails.defenses import OCRScreen
+
+    with pytest.raises(ValueError, match=r"min_chars must be an int >= 0"):
+        OCRScreen("reveal", min_chars=value)
+
+
 def test_a_spec_naming_a_missing_folder_names_the_defense():
     from guardrails.spec import build_defenses
 

@@ -98,9 +98,11 @@ class OCRScreen(Defense):
             raise ValueError(f"unknown OCR engine {engine!r}; choose one of {['auto', *ENGINES]}")
         if not isinstance(engine, str) and not callable(getattr(engine, "read_all", None)):
             raise TypeError(f"engine must be an OCR engine name or a guardrails.ocr.OCREngine, got {type(engine).__name__}")
+        if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 0:
+            raise ValueError(f"min_chars must be an int >= 0 (image text shorter than this is ignored), got {min_chars!r}")
         if classifier is not None and not isinstance(classifier, HarmClassifier):
             raise TypeError(f"classifier must be a guardrails HarmClassifier, got {type(classifier).__name__}")
-        self.mode, self.threshold, self.overlap, self.min_chars = mode, threshold, bool(overlap), int(min_chars)
+        self.mode, self.threshold, self.overlap, self.min_chars = mode, threshold, bool(overlap), min_chars
         # Off by default, measured: the default detector scores FigStep's own benign typed prompt
         # 0.971, so judging image text + typed text flagged 98% of benign typographic images
         # (benchmarks/ocr_detection.py). Typed text is a prompt classifier's job; this screen
