@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from guardrails._cli import ArgumentParser, entry_point
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __all__ = ["ARCHS", "ArchSpec", "build_arch", "list_archs", "resolve_dtype"]
@@ -318,11 +320,11 @@ def make_vectors(name: str, out: str, *, dtype: Any = "float32", device: str = "
     return sv
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.archs", description="Random-weight architectures for latency runs.")
+    p = ArgumentParser(prog="python -m benchmarks.archs", description="Random-weight architectures for latency runs.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the architectures and where their configs come from")
     v = sub.add_parser("vectors", help="save SteeringVectors + gate extracted from a random-weight build (latency only)")

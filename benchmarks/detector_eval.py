@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from guardrails._cli import ArgumentParser, entry_point
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
@@ -160,8 +162,9 @@ def _fixed_markdown(rep: dict[str, Any]) -> str:
             + f"\nEnvironment: `{json.dumps(rep['environment'])}`; wall time {rep['wall_s']:.0f} s\n")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m benchmarks.detector_eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", default="default", help="'default' (the shipped head) or a folder written by train-detector")
     p.add_argument("--data", default=None, help="the public data folder (default: $GUARDRAILS_DATA or ../shared/data)")
     p.add_argument("--out", required=True, help="folder for detector_eval.json and detector_eval.md")

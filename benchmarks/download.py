@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guardrails._cli import ArgumentParser, entry_point
+
 from benchmarks.datasets import DATASETS, MMSAFETYBENCH_SCENARIOS
 
 __all__ = ["RemoteFile", "Source", "SOURCES", "download", "main", "plan"]
@@ -217,8 +219,9 @@ def download(
     return done
 
 
+@entry_point
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.download", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.download", description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"dataset names, or 'all': {', '.join(SOURCES)}")
     parser.add_argument("--dest", help="data folder to write (then pass it as --data / data_dir=)")
     parser.add_argument("--list", action="store_true", help="list the datasets with license and source, then exit")

@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guardrails._cli import ArgumentParser, entry_point
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -718,7 +720,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__,
+    p = ArgumentParser(prog="python -m benchmarks.latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="hub id, local folder, or tiny:ARCH")
@@ -748,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     cfg = LatencyConfig(out=a.out, model=a.model, arch=a.arch, defenses=a.defenses, batches=a.batch,

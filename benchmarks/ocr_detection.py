@@ -27,6 +27,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
+from guardrails._cli import ArgumentParser, entry_point
+
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,8 +56,9 @@ def rate(flags: Sequence[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m benchmarks.ocr_detection", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="data folder holding figstep_safebench/ and xstest/")
     ap.add_argument("--ocr-json", default="runs/ocr_eval_500.json", help="ocr_eval.py output with per-image FigStep OCR rows")
     ap.add_argument("--benign-limit", type=int, default=100, help="XSTest safe prompts to render (after the 50 FigStep benign sentences)")

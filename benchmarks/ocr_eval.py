@@ -31,6 +31,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
+from guardrails._cli import ArgumentParser, entry_point
+
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -267,8 +269,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m benchmarks.ocr_eval", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="data folder holding figstep_safebench/ and xstest/ (default: guardrails.data.shared_data_dir())")
     ap.add_argument("--engine", nargs="+", default=["rapidocr", "tesseract"], help="engines to compare")
     ap.add_argument("--limit", "--figstep", dest="limit", type=int, default=100, help="FigStep images per engine (0 = none; spread over categories)")

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from guardrails._cli import ArgumentParser, entry_point
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -678,7 +680,7 @@ def write_report(result: dict[str, Any], out: str | os.PathLike) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.organism", description=__doc__,
+    p = ArgumentParser(prog="python -m benchmarks.organism", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for organism.json and organism.md")
     p.add_argument("--data", default=None, help="data folder (default: $GUARDRAILS_DATA or ../shared/data)")
@@ -700,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("quick",)}

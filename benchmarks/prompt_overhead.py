@@ -30,6 +30,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from guardrails._cli import ArgumentParser, entry_point
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,8 +231,9 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.prompt_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="llama-50m", choices=sorted(ARCHS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")

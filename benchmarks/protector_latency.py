@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from guardrails._cli import ArgumentParser, entry_point
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -222,8 +224,9 @@ def attribute_cost(arch: str, specs: Sequence[str], *, batch: int, prompt_tokens
     return out
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.protector_latency", description=__doc__,
+    p = ArgumentParser(prog="python -m benchmarks.protector_latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("probe", help="fit and save a HiddenStateProbe on a random-weight architecture")

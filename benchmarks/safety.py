@@ -40,6 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guardrails._cli import ArgumentParser, entry_point, positive_int
+from steering._files import expand_user
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -151,12 +154,8 @@ def import_plugins(specs: Sequence[str]) -> None:
 
 
 def load_model(model: str, *, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Any]:
-    """``(model, processor)``: ``tiny:ARCH`` (guardrails.testing), ``arch:NAME`` (benchmarks.archs) or an id/path."""
-    if model.startswith("tiny:"):
-        from guardrails.testing import build_tiny
-
-        tiny = build_tiny(model.split(":", 1)[1])
-        return tiny.model.to(device), tiny.processor
+    """``(model, processor)``: ``arch:NAME`` (benchmarks.archs), else what :func:`guardrails.load` takes
+    (``tiny:ARCH``, a registry name, a hub id or a folder)."""
     if model.startswith("arch:"):
         from benchmarks.archs import build_arch
 
@@ -187,7 +186,7 @@ def build_judge(name: str, *, device: str = "cpu") -> Any:
         target = name.split(":", 1)[1]
         if not target:
             raise ValueError("judge 'classifier:' needs a detector: classifier:default or classifier:DIR")
-        detector = load_default_detector() if target == "default" else load_detector(Path(target).expanduser())
+        detector = load_default_detector() if target == "default" else load_detector(expand_user(target))
         # Its own operating threshold when it has one (the shipped head does), else 0.5.
         return ClassifierJudge(detector, threshold=float(getattr(detector, "threshold", 0.5)), name=name)
     if name not in JUDGES:
@@ -416,6 +415,10 @@ def run_safety(cfg: SafetyConfig) -> dict[str, Any] | None:
             key = cfg.run_key()
             key["judge_versions"] = {n: str(j.version) for n, j in judges.items()}
             key["refusal_judge_version"] = str(refusal_judge.version)
+            # Before run_config.json is written: a --model typo must not pin this --out to it.
+            model, processor = load_model(cfg.model, device=info.device, dtype=cfg.dtype)
+            multimodal = is_multimodal(model)
+            convs = [_conversation(s, multimodal, cfg.model) for s in samples]
         except BaseException as e:  # every rank must reach the collective check below
             err = e
         dist_mod.check_all_ok(info, err)
@@ -427,9 +430,6 @@ def run_safety(cfg: SafetyConfig) -> dict[str, Any] | None:
         err = None
         written = 0
         try:
-            model, processor = load_model(cfg.model, device=info.device, dtype=cfg.dtype)
-            multimodal = is_multimodal(model)
-            convs = [_conversation(s, multimodal, cfg.model) for s in samples]
             my_batches = dist_mod.shard_batches(len(samples), cfg.batch_size, info.rank, info.world_size)
             global_ids = {b[0]: n for n, b in enumerate(dist_mod.batches(len(samples), cfg.batch_size))}
             crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
@@ -654,7 +654,7 @@ def _kv(pair: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.safety", description=__doc__,
+    p = ArgumentParser(prog="python -m benchmarks.safety", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id, local folder, tiny:ARCH or arch:NAME")
     p.add_argument("--defenses", action="append", required=True, metavar="SPEC",
@@ -668,9 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refusal-judge", default="keyword-jailbreakbench", help="judge that decides refusal for over-refusal")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--data", default=None, help="data folder (default: $GUARDRAILS_DATA or ../shared/data)")
-    p.add_argument("--limit", type=int, default=None, help="first N samples only")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N samples only")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seeds generation per batch and the bootstrap")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK or cpu), cpu, cuda, cuda:N")
@@ -683,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     cfg = SafetyConfig(

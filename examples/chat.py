@@ -22,6 +22,9 @@ import argparse
 import os
 import sys
 
+from guardrails._cli import ArgumentParser, entry_point, positive_int
+from steering._hub import go_offline_if_unreachable, hub_reachable, is_path
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 #: used when the Hub is out of reach: a real chat model from the package index (guardrails.models)
 FALLBACK_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -31,23 +34,7 @@ FALLBACK_MODEL = "qwen2.5-coder-0.5b-instruct"
 RECOMMENDED = {True: "ocr+protector", False: "protector"}
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect: without it, an unreachable Hub costs ~30 s of retries before the error."""
-    import socket
-
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_model(name: str):
-    if name.startswith("tiny:"):
-        from guardrails.testing import build_tiny
-
-        t = build_tiny(name.split(":", 1)[1])
-        return t.model, t.processor
     import torch
 
     from guardrails import load, models
@@ -55,7 +42,7 @@ def load_model(name: str):
     if name in models.REGISTRY and not models.is_fetched(name):
         models.fetch(name, progress=lambda line: print(line, file=sys.stderr))
     # The fetched models are saved in bfloat16; "auto" would read them so too, this says it.
-    return load(name, dtype=torch.bfloat16 if name in models.REGISTRY else "auto")
+    return load(name, dtype=torch.bfloat16 if name in models.REGISTRY else "auto")  # tiny:ARCH too
 
 
 def choose_model(requested: str | None) -> str:
@@ -136,34 +123,33 @@ def _read_line(prompt: str) -> str:
         return ""
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m examples.chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help=f"hub id, local folder, fetched model name or tiny:ARCH (default {DEFAULT_MODEL}, "
                                                  f"or {FALLBACK_MODEL} without the Hub)")
     p.add_argument("--defenses", default=None, help="defense spec, e.g. 'system_prompt+protector' or 'none' "
                                                     f"(default: {RECOMMENDED[True]} for image models, {RECOMMENDED[False]} for text)")
     p.add_argument("--prompt", help="one user message to answer, then exit")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     args = p.parse_args(argv)
 
     args.model = choose_model(args.model)
     from guardrails import models
 
-    if not args.model.startswith("tiny:") and not os.path.exists(args.model) and args.model not in models.REGISTRY \
-            and not hub_reachable():
-        # Use the local cache if the model is there; otherwise fail fast with the loader's message.
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    if not args.model.startswith("tiny:") and args.model not in models.REGISTRY and not is_path(args.model):
+        # A hub id with the Hub out of reach: only the local cache can serve it; fail fast otherwise.
+        go_offline_if_unreachable(args.model)
     from guardrails import wrap
     from guardrails.spec import build_defenses
 
+    defenses = build_defenses(args.defenses) if args.defenses else None  # a bad spec fails before the model loads
     try:
         model, processor = load_model(args.model)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        print("\nTo try the pipeline without any download: make demo ARGS='--model tiny:llava'", file=sys.stderr)
-        return 2
+        raise ValueError(f"{e}; to try the pipeline without any download: make demo ARGS='--model tiny:llava'") from e
     multimodal = getattr(getattr(model, "config", None), "vision_config", None) is not None
-    guarded = wrap(model, processor, defenses=build_defenses(args.defenses or RECOMMENDED[multimodal]))
+    guarded = wrap(model, processor, defenses=defenses if defenses is not None else build_defenses(RECOMMENDED[multimodal]))
     print(f"{guarded!r}")
     gen = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
 

@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from guardrails._cli import ArgumentParser, entry_point
+
 # Set before transformers is imported anywhere: with the Hub unreachable, a load retries for minutes.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -23,7 +25,7 @@ def _list_defenses(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m guardrails", description=__doc__)
+    parser = ArgumentParser(prog="python -m guardrails", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("defenses", help="list the defense names a --defenses spec can use")
     p.set_defaults(func=_list_defenses)
@@ -32,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a bad argument or file prints one ``error:`` line and returns 2 (see guardrails._cli)."""
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

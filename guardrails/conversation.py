@@ -65,6 +65,15 @@ def _validate_part(part: Any, where: str, i: int, j: int) -> dict[str, Any]:
     if kind == "image":
         if not any(k in part for k in _IMAGE_KEYS):
             raise ValueError(f"{where}, message {i}, part {j}: an image part needs 'image' (PIL.Image, path, bytes or array), 'path' or 'url'")
+        from guardrails.ocr.images import ACCEPTED, IMAGE_TYPES, url_error
+
+        key = next(k for k in _IMAGE_KEYS if k in part)
+        value = part[key]
+        # Checked here, not when the batch is encoded, so the error names the message and part.
+        if not isinstance(value, IMAGE_TYPES):
+            raise TypeError(f"{where}, message {i}, part {j}: {key!r} is {type(value).__name__}; pass {ACCEPTED}")
+        if isinstance(value, str) and (msg := url_error(value)):
+            raise ValueError(f"{where}, message {i}, part {j}: {msg}")
         return dict(part)  # the image object itself is shared, never copied
     raise ValueError(f"{where}, message {i}, part {j}: part type {kind!r} is not supported; use 'text' or 'image'")
 
@@ -144,19 +153,24 @@ def to_pil(image: Any):
     return load_image(image)
 
 
-def to_template_form(conversation: Conversation, multimodal: bool) -> Conversation:
+def to_template_form(conversation: Conversation, multimodal: bool, where: str = "conversation") -> Conversation:
     """What the chat template gets: text-only templates want string content, processors want parts.
 
-    Images are loaded to PIL here so every processor sees the same input type.
+    Images are loaded to PIL here so every processor sees the same input type; a load error names
+    the conversation (``where``), message and part.
     """
     out = []
-    for m in conversation:
+    for i, m in enumerate(conversation):
         if multimodal:
             parts = []
-            for p in m["content"]:
+            for j, p in enumerate(m["content"]):
                 if p["type"] == "image":
                     img = next(p[k] for k in _IMAGE_KEYS if k in p)
-                    parts.append({"type": "image", "image": to_pil(img)})
+                    try:
+                        pil = to_pil(img)
+                    except (TypeError, ValueError) as e:
+                        raise type(e)(f"{where}, message {i}, part {j}: {e}") from e
+                    parts.append({"type": "image", "image": pil})
                 else:
                     parts.append({"type": "text", "text": p["text"]})
             out.append({"role": m["role"], "content": parts})

@@ -32,6 +32,11 @@ def is_multimodal(model: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def has_image_processor(processor: Any) -> bool:
+    """True for a multimodal processor (one that turns images into pixel values), False for a bare tokenizer."""
+    return getattr(processor, "image_processor", None) is not None
+
+
 class Engine:
     """Turns conversations into model inputs and generated ids back into text, for one model."""
 
@@ -43,6 +48,14 @@ class Engine:
             raise ValueError(
                 f"{type(model).__name__} is a multimodal model and needs its processor: "
                 "wrap(model, AutoProcessor.from_pretrained(model_id), ...)"
+            )
+        if self.multimodal and not has_image_processor(processor):
+            # A tokenizer renders the image placeholders as text and never makes pixel_values:
+            # the model would answer without ever seeing the image.
+            raise ValueError(
+                f"{type(model).__name__} takes images but {type(processor).__name__} has no image processor, so "
+                "images would never reach the model; pass its processor, e.g. "
+                "wrap(model, AutoProcessor.from_pretrained(model_id), ...), not its tokenizer"
             )
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if processor is not None and self.tokenizer is None:
@@ -73,7 +86,7 @@ class Engine:
                     f"conversation {k} has an image but {type(self.model).__name__} is a text-only model; "
                     "remove the image parts or use an image-text-to-text model"
                 )
-            out.append(conv_mod.to_template_form(c, self.multimodal))
+            out.append(conv_mod.to_template_form(c, self.multimodal, f"conversation {k}"))
         return out
 
     def render(self, conversations: Sequence[Conversation], add_generation_prompt: bool = True) -> list[str]:
@@ -120,15 +133,13 @@ class Engine:
     # -- generation ------------------------------------------------------------------------
     @property
     def stop_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.tokenizer):
-            for attr in ("eos_token_id", "pad_token_id"):
-                v = getattr(source, attr, None)
-                if isinstance(v, int):
-                    ids.add(v)
-                elif isinstance(v, (list, tuple)):
-                    ids.update(int(x) for x in v)
-        return ids
+        """EOS and padding ids of the model's generation config and the tokenizer."""
+        return _token_ids(getattr(self.model, "generation_config", None), self.tokenizer)
+
+    def stop_token_ids_for(self, generate_kwargs: dict[str, Any]) -> set[int]:
+        """:attr:`stop_token_ids` plus an ``eos_token_id``/``pad_token_id`` given to this one call
+        (directly or in its ``generation_config``): generate stops there, so the text must end there too."""
+        return self.stop_token_ids | _token_ids(generate_kwargs.get("generation_config"), generate_kwargs)
 
     @property
     def pad_token_id(self) -> int | None:
@@ -138,9 +149,10 @@ class Engine:
             pad = eos[0] if isinstance(eos, (list, tuple)) else eos
         return pad
 
-    def split_new_tokens(self, sequences: torch.Tensor, prompt_len: int) -> list[list[int]]:
-        """New tokens per row, cut at the first end-of-sequence or padding token."""
-        stops = self.stop_token_ids
+    def split_new_tokens(self, sequences: torch.Tensor, prompt_len: int, stops: set[int] | None = None) -> list[list[int]]:
+        """New tokens per row, cut at the first end-of-sequence or padding token (``stops``, default
+        :attr:`stop_token_ids`)."""
+        stops = self.stop_token_ids if stops is None else stops
         rows = []
         for seq in sequences[:, prompt_len:].tolist():
             out = []
@@ -162,7 +174,7 @@ class Engine:
         with torch.inference_mode():
             out = self.model.generate(**inputs, **generate_kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        rows = self.split_new_tokens(sequences, inputs["input_ids"].shape[1])
+        rows = self.split_new_tokens(sequences, inputs["input_ids"].shape[1], self.stop_token_ids_for(generate_kwargs))
         return [Generation(self.decode(ids), ids) for ids in rows]
 
     def next_token_logits(self, conversations: Sequence[Conversation], answer_prefix: str = "") -> torch.Tensor:
@@ -191,6 +203,21 @@ class Engine:
         if len(ids) != 1:
             raise ValueError(f"{text!r} is not a single token for {type(self.tokenizer).__name__} (got ids {ids})")
         return ids[0]
+
+
+def _token_ids(*sources: Any) -> set[int]:
+    """Every ``eos_token_id`` / ``pad_token_id`` (an int or a list) found on objects or in dicts."""
+    ids: set[int] = set()
+    for source in sources:
+        for attr in ("eos_token_id", "pad_token_id"):
+            v = source.get(attr) if isinstance(source, dict) else getattr(source, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(int(x) for x in v)
+            elif isinstance(v, torch.Tensor):
+                ids.update(int(x) for x in v.reshape(-1).tolist())
+    return ids
 
 
 def _input_device(model: Any) -> torch.device:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import queue
 import threading
 import time
@@ -17,6 +19,30 @@ from guardrails import conversation as conv_mod
 from guardrails.defense import CallContext, Defense, Row, _RowStopper
 from guardrails.engine import Engine
 from guardrails.results import GuardedResult
+
+
+#: generate() options with their smallest value: a wrong type fails deep inside transformers, if at all
+_INT_OPTIONS = {"max_new_tokens": 1, "max_length": 1, "min_new_tokens": 0, "min_length": 0, "num_beams": 1,
+                "num_return_sequences": 1, "top_k": 0}
+_FLOAT_OPTIONS = ("temperature", "top_p", "repetition_penalty")
+
+
+def check_generate_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse a mistyped generation option (``max_new_tokens="5"``) with its name, before any defense runs."""
+    for name, low in _INT_OPTIONS.items():
+        v = kwargs.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+        if v < low:
+            raise ValueError(f"{name} must be at least {low}, got {v}")
+    for name in _FLOAT_OPTIONS:
+        v = kwargs.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+            raise TypeError(f"{name} must be a finite number, got {v!r} ({type(v).__name__})")
+    if "do_sample" in kwargs and not isinstance(kwargs["do_sample"], bool):
+        raise TypeError(f"do_sample must be True or False, got {kwargs['do_sample']!r}")
 
 
 def wrap(model: Any, processor: Any | None = None, defenses: Sequence[Defense] = (), *, layers_path: str | None = None) -> GuardedModel:
@@ -120,6 +146,7 @@ class GuardedModel:
     def chat(self, conversations: Any, **generate_kwargs: Any) -> GuardedResult | list[GuardedResult]:
         """Answer one conversation (-> GuardedResult) or a list (-> one GuardedResult each, one batch)."""
         batch, single = conv_mod.validate_batch(conversations)
+        check_generate_kwargs(generate_kwargs)
         with self._call("chat"):
             rows = [Row(i, c) for i, c in enumerate(batch)]
             ctx = _exhaust(self._flow(CallContext(self.engine, "chat", rows, dict(generate_kwargs))))
@@ -128,6 +155,11 @@ class GuardedModel:
 
     def stream(self, conversation: Any, **generate_kwargs: Any) -> GuardedStream:
         """Text chunks as they are generated, with the same defenses; ``.result`` once exhausted."""
+        if (isinstance(conversation, (list, tuple)) and conversation
+                and all(isinstance(c, (list, tuple)) for c in conversation)):
+            raise TypeError(f"stream() takes one conversation (a list of messages), got a list of {len(conversation)} "
+                            "conversations; use chat([...]) for a batch, or one stream() per conversation")
+        check_generate_kwargs(generate_kwargs)
         return GuardedStream(self, conv_mod.validate(conversation), generate_kwargs)
 
     def generate(self, **kwargs: Any) -> Any:
@@ -139,6 +171,7 @@ class GuardedModel:
         inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if inputs is None:
             raise ValueError("generate() needs input_ids (or inputs_embeds), as model.generate does")
+        check_generate_kwargs(kwargs)
         with self._call("generate"):
             for d in self.active_defenses:
                 d.check_mode("generate")
@@ -213,7 +246,8 @@ class GuardedModel:
                         out = self.model.generate(**ctx.inputs, **kw)
                     sequences = out if isinstance(out, torch.Tensor) else out.sequences
                 ctx.add_time("model.generate", (time.perf_counter() - t0) * 1e3)
-            for r, ids in zip(active, self.engine.split_new_tokens(sequences, ctx.prompt_len)):
+            stops = self.engine.stop_token_ids_for(ctx.generate_kwargs)
+            for r, ids in zip(active, self.engine.split_new_tokens(sequences, ctx.prompt_len, stops)):
                 r.token_ids = ids
                 if r.refused:  # refused while generating: keep the refusal, record what was generated
                     r.original_text = self.engine.decode(ids)
@@ -327,7 +361,7 @@ class GuardedStream:
 
     def _run(self) -> Iterator[str]:
         g = self._guarded
-        stops = g.engine.stop_token_ids
+        stops = g.engine.stop_token_ids_for(self._kwargs)
         row = Row(0, self._conversation)
         ctx = CallContext(g.engine, "stream", [row], dict(self._kwargs))
         shown = ""

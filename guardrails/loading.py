@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from steering._files import expand_user
+from steering._hub import missing_path_message, unreachable_message
+
 
 def load(model_id: str, *, dtype: Any = "auto", device_map: Any = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, processor) for a registry name, a hub id or a local folder saved with ``save_pretrained``.
+    """(model, processor) for a registry name, a hub id, a local folder saved with ``save_pretrained``,
+    or ``tiny:ARCH`` (a tiny random-weight model from :mod:`guardrails.testing`, offline).
 
     A registry name (``python -m guardrails models list``) loads its fetched folder; one not fetched
     yet raises ValueError naming the fetch command. Image-text-to-text models (config with a
     ``vision_config``) load with ``AutoModelForImageTextToText`` + ``AutoProcessor``; others with
-    ``AutoModelForCausalLM`` + ``AutoTokenizer``.
+    ``AutoModelForCausalLM`` + ``AutoTokenizer``. A path that does not exist is reported as such,
+    never as an unreachable hub id.
     """
     from guardrails import models
+
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise TypeError(f"load() takes a model id, folder or registry name as a non-empty string, got {model_id!r}")
+    if model_id.startswith("tiny:"):
+        from guardrails.testing import build_tiny
+
+        tiny = build_tiny(model_id.split(":", 1)[1])
+        return tiny.model, tiny.processor
+    if msg := missing_path_message(model_id):
+        raise ValueError(msg)
 
     # Before importing transformers: a registry name not fetched yet fails at once.
     if model_id in models.REGISTRY and models.REGISTRY[model_id].kind != "chat" and not Path(model_id).exists():
@@ -32,14 +46,16 @@ def load(model_id: str, *, dtype: Any = "auto", device_map: Any = None, trust_re
         AutoTokenizer,
     )
 
-    local = Path(model_id).expanduser()
+    from guardrails.engine import has_image_processor
+
+    local = expand_user(model_id)
     source = str(local) if local.exists() else model_id
     if local.exists() and not (local / "config.json").is_file():
         raise ValueError(f"{model_id!r} is a folder without config.json; point at a folder written by save_pretrained")
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ValueError(_unreachable(model_id, e)) from e
+        raise ValueError(_cannot_load(model_id, local, e)) from e
     multimodal = getattr(config, "vision_config", None) is not None
     model_cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     proc_cls = AutoProcessor if multimodal else AutoTokenizer
@@ -50,8 +66,8 @@ def load(model_id: str, *, dtype: Any = "auto", device_map: Any = None, trust_re
         model = model_cls.from_pretrained(source, **kwargs)
         processor = proc_cls.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ValueError(_unreachable(model_id, e)) from e
-    if multimodal and getattr(processor, "image_processor", None) is None:
+        raise ValueError(_cannot_load(model_id, local, e)) from e
+    if multimodal and not has_image_processor(processor):
         # AutoProcessor falls back to a bare tokenizer when the processor class cannot be built
         # (e.g. a video processor that needs torchvision); images would then never reach the model.
         raise ValueError(
@@ -63,11 +79,7 @@ def load(model_id: str, *, dtype: Any = "auto", device_map: Any = None, trust_re
     return model, processor
 
 
-def _unreachable(model_id: str, err: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    return (
-        f"cannot load {model_id!r}: it is not a local folder and the Hugging Face Hub "
-        f"{'is disabled (HF_HUB_OFFLINE=1)' if offline else 'could not be reached'} with no cached copy. "
-        "Download it on a machine with internet (huggingface-cli download ID --local-dir DIR), copy DIR here "
-        f"and pass the folder path instead. ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-    )
+def _cannot_load(model_id: str, local: Path, err: Exception) -> str:
+    if local.exists():  # a local folder that transformers cannot read: not a hub problem
+        return f"cannot load the model in {str(local)!r}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    return unreachable_message(model_id, err)

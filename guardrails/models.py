@@ -36,6 +36,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from steering._files import expand_user
+
 MANIFEST = "guardrails_model.json"
 _CHUNK = 1 << 20  # bytes per read while joining and hashing: no part is ever held whole in memory
 _MB = 1_000_000
@@ -174,9 +176,9 @@ def get(name: str) -> ModelEntry:
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$GUARDRAILS_MODELS``, else ``$XDG_CACHE_HOME/mllm-guardrails/models``."""
     if cache_dir is not None:
-        return Path(cache_dir).expanduser()
+        return expand_user(cache_dir)
     if os.environ.get("GUARDRAILS_MODELS"):
-        return Path(os.environ["GUARDRAILS_MODELS"]).expanduser()
+        return expand_user(os.environ["GUARDRAILS_MODELS"])
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "mllm-guardrails" / "models"
 
@@ -197,7 +199,7 @@ def resolve(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> st
     An existing local path wins over a registry name of the same spelling. A registry name that is
     not fetched yet raises ValueError saying which command fetches it.
     """
-    if name_or_path not in REGISTRY or Path(name_or_path).expanduser().exists():
+    if name_or_path not in REGISTRY or expand_user(name_or_path).exists():
         return name_or_path
     if not is_fetched(name_or_path, cache_dir):
         raise ValueError(

@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+from guardrails._cli import one_line
+
 
 def _list(args: argparse.Namespace) -> int:
     from guardrails import models
@@ -31,8 +33,8 @@ def _fetch(args: argparse.Namespace) -> int:
     try:
         path = models.fetch(args.name, cache_dir=args.cache_dir, progress=lambda m: print(m, file=sys.stderr, flush=True))
     except (ValueError, RuntimeError, OSError) as e:
-        # One line the user can act on; every message above says what went wrong and what to do.
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        # RuntimeError too (a pip or hash failure is the environment, not a bug): one line, exit 2.
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Stage = Literal["before", "during", "after"]
 #: What a defense did to a row. "pass" means it looked and changed nothing.
 Action = Literal["pass", "edit", "refuse", "steer", "stop", "rewrite", "regenerate", "hold"]
+
+
+
+def check_threshold(value: Any, name: str = "threshold") -> float:
+    """A defense's P(unsafe) threshold: the same range (0, 1] for every defense and command line.
+
+    0 is refused because ``score >= 0`` holds for every row: it would flag everything.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be a probability in (0, 1] (P(unsafe) at or above it is flagged; "
+                         f"0 would flag every row), got {value!r}")
+    return float(value)
 
 
 @dataclass

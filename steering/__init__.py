@@ -11,21 +11,21 @@ and hooks that live exactly as long as one call. Standalone: it knows nothing of
 
 __version__ = "0.1.0"
 
-from .extract import (  # noqa: E402
-    METHODS,
-    READ_POSITION,
-    Activations,
-    ChatPreparer,
-    compute_directions,
-    extract_activations,
-    last_token_index,
-    read_last_token,
-    template_sha256,
-)
-from .gate import Gate, GateCalibration, GateLayerResult, calibrate_gate, calibrate_gate_from_prompts  # noqa: E402
-from .hooks import SteeringHandle, check_steerable, compute_gate, steer  # noqa: E402
-from .layers import LayerInfo, find_decoder_layers, layer_device, layer_dtype, module_path  # noqa: E402
-from .vectors import Manifest, SteeringVectors, extract_steering_vectors  # noqa: E402
+import importlib
+from typing import Any
+
+# Imported on first use (as guardrails does): the command lines and steering._cli / steering._files,
+# which guardrails' CLI reuses, must not pay for torch + transformers at startup, and
+# `python -m steering` must be able to set HF_HUB_OFFLINE before transformers reads it.
+_EXPORTS = {
+    **dict.fromkeys(("METHODS", "READ_POSITION", "Activations", "ChatPreparer", "compute_directions",
+                     "extract_activations", "last_token_index", "read_last_token", "template_sha256"), "extract"),
+    **dict.fromkeys(("Gate", "GateCalibration", "GateLayerResult", "calibrate_gate", "calibrate_gate_from_prompts"), "gate"),
+    **dict.fromkeys(("SteeringHandle", "check_steerable", "compute_gate", "steer"), "hooks"),
+    **dict.fromkeys(("LayerInfo", "find_decoder_layers", "layer_device", "layer_dtype", "module_path"), "layers"),
+    **dict.fromkeys(("Manifest", "SteeringVectors", "extract_steering_vectors"), "vectors"),
+}
+_SUBMODULES = ("extract", "gate", "hooks", "layers", "vectors")
 
 __all__ = [
     "METHODS",
@@ -55,3 +55,17 @@ __all__ = [
     "steer",
     "template_sha256",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'steering' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

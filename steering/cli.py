@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_model", "main", "parse_layers", "read_prompts"]
+from ._cli import ArgumentParser, CliError, entry_point, positive_int
+from ._files import expand_user
+from ._hub import go_offline_if_unreachable, missing_path_message, unreachable_message
+
+__all__ = ["CliError", "load_model", "main", "parse_layers", "read_prompts"]
 
 _DEFAULT_FIELDS = ("prompt", "goal", "behavior", "forbidden_prompt", "instruction", "question", "text")
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +60,10 @@ def _from_record(record: Any, where: str, field: str | None) -> Any:
 def read_prompts(path: str | os.PathLike, *, column: str | None = None, field: str | None = None,
                  limit: int | None = None) -> list[Any]:
     """Prompts (strings, or conversations from ``{"messages": [...]}`` records) from a file."""
-    p = Path(path)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        # 0 once meant "all" and -3 "all but the last three": refuse both rather than guess.
+        raise CliError(f"--limit must be a positive number of prompts (leave it out to use them all), got {limit!r}")
+    p = expand_user(path)
     if not p.is_file():
         raise CliError(f"prompt file {str(p)!r} does not exist")
     suffix = p.suffix.lower()
@@ -98,7 +101,7 @@ def read_prompts(path: str | os.PathLike, *, column: str | None = None, field: s
         raise CliError(f"{p}: unsupported prompt file type {suffix!r}; use .txt, .csv, .jsonl or .json")
     if not prompts:
         raise CliError(f"{p} holds no prompts")
-    return prompts[:limit] if limit else prompts
+    return prompts if limit is None else prompts[:limit]
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -132,18 +135,18 @@ def load_model(model_id: str, *, dtype: str = "auto", device: str = "auto", devi
     ``AutoProcessor`` (falling back to ``AutoTokenizer``, with a notice, when the processor cannot
     be built); other models with ``AutoModelForCausalLM`` and ``AutoTokenizer``.
     """
+    if msg := missing_path_message(model_id):
+        raise CliError(msg)
     import torch
     import transformers as tf
 
-    local = Path(model_id).expanduser()
+    local = expand_user(model_id)
     source = str(local) if local.exists() else model_id
     if local.exists() and not (local / "config.json").is_file():
         raise CliError(f"{model_id!r} is a folder without config.json; point --model at a save_pretrained folder")
 
     def unreachable(err: Exception) -> CliError:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return CliError(f"cannot load {model_id}: the Hugging Face Hub is unreachable and no local copy exists; "
-                        f"pass a local path (a folder written by save_pretrained). ({first})")
+        return CliError(unreachable_message(model_id, err))
 
     try:
         config = tf.AutoConfig.from_pretrained(source)
@@ -196,10 +199,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--harmless", required=True, help="harmless prompts (.txt/.csv/.jsonl/.json)")
     p.add_argument("--column", help="CSV column holding the prompt (default: prompt/goal/behavior/...)")
     p.add_argument("--field", help="JSON(L) key holding the prompt (default: prompt/goal/behavior/...)")
-    p.add_argument("--limit", type=int, help="use only the first N prompts of each file")
+    p.add_argument("--limit", type=positive_int, help="use only the first N prompts of each file (N >= 1)")
     p.add_argument("--layers", help="layer indices, e.g. '0,2,5-8' (default: all)")
     p.add_argument("--layer-path", help="dotted path to the decoder layers when discovery fails")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto = bfloat16 on GPU, float32 on CPU (activations are accumulated in float32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -208,10 +211,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .extract import METHODS
+    from ._methods import METHODS  # not .extract: transformers must not be imported before main() decides on offline
 
-    parser = argparse.ArgumentParser(prog="python -m steering", description="Steering vectors and gates for "
-                                     "transformers models.")
+    parser = ArgumentParser(prog="python -m steering", description="Steering vectors and gates for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("extract", help="harmful-minus-harmless vectors per layer -> DIR")
     _common(ex)
@@ -266,24 +268,21 @@ def _calibrate(args: argparse.Namespace, model: Any, processor: Any, harmful: li
           f"saved to {out}")
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 user error)."""
+    """Entry point; returns the exit status (0 ok, 2 user error, one ``error:`` line; see steering._cli)."""
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        print("error: --batch-size must be at least 1", file=sys.stderr)
-        return 2
-    # A local folder needs no hub: going offline avoids minutes of retries when there is no network.
-    if Path(args.model).expanduser().exists():
+    # Before transformers is imported: a local folder needs no hub, and a hub id with no network
+    # would otherwise cost ~25 s of retries before the same error.
+    if expand_user(args.model).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        harmful = read_prompts(args.harmful, column=args.column, field=args.field, limit=args.limit)
-        harmless = read_prompts(args.harmless, column=args.column, field=args.field, limit=args.limit)
-        model, processor = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
-        if args.command == "extract":
-            _extract(args, model, processor, harmful, harmless)
-        else:
-            _calibrate(args, model, processor, harmful, harmless)
-    except (CliError, ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    else:
+        go_offline_if_unreachable(args.model)
+    harmful = read_prompts(args.harmful, column=args.column, field=args.field, limit=args.limit)
+    harmless = read_prompts(args.harmless, column=args.column, field=args.field, limit=args.limit)
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+    if args.command == "extract":
+        _extract(args, model, processor, harmful, harmless)
+    else:
+        _calibrate(args, model, processor, harmful, harmless)
     return 0

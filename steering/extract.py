@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import nn
 
+from ._methods import METHODS, Method  # noqa: F401 - re-exported: steering.extract.METHODS
 from ._outputs import hidden_of
 from .layers import LayerInfo, find_decoder_layers
 
@@ -41,8 +42,6 @@ __all__ = [
 
 # A prompt is a user string or a whole conversation (list of {"role", "content"} messages).
 Prompt = Union[str, Sequence[Mapping[str, Any]]]
-Method = Literal["mean_diff", "paired_mean_diff", "pca"]
-METHODS: tuple[str, ...] = ("mean_diff", "paired_mean_diff", "pca")
 READ_POSITION = "last_prompt_token"
 _MEDIA_TYPES = ("image", "video", "audio")
 

@@ -11,7 +11,6 @@ from :func:`calibrate_gate` (best F1 on held-out harmful/harmless prompts).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,9 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._files import load_tensors, naming, read_json, save_tensors, write_json
 from ._provenance import check_against_model, library_version, model_record, now_iso
 from .extract import Activations, Prompt, extract_activations
 
@@ -29,6 +28,7 @@ __all__ = ["GATE_FILES", "Gate", "GateCalibration", "GateLayerResult", "calibrat
 
 GATE_FILES = ("gate.safetensors", "gate.json")
 _GATE_FORMAT = "steering-gate"
+_REDO = "calibrate the gate again (python -m steering calibrate, or Gate.save)"
 
 
 @dataclass
@@ -56,6 +56,8 @@ class Gate:
             raise ValueError("Gate.direction is zero or not finite; calibrate from distinct harmful/harmless prompts")
         self.direction = (self.direction.detach().float() / norm).cpu()
         self.bias = float(self.bias)
+        if not math.isfinite(self.bias):  # a NaN bias never steers, silently
+            raise ValueError(f"Gate.bias must be finite, got {self.bias}")
 
     @property
     def threshold(self) -> float:
@@ -88,11 +90,11 @@ class Gate:
         """Write ``gate.safetensors`` (the direction) and ``gate.json`` (everything else)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({"direction": self.direction.contiguous()}, str(out / GATE_FILES[0]), metadata={"format": _GATE_FORMAT})
+        save_tensors({"direction": self.direction.contiguous()}, out / GATE_FILES[0], metadata={"format": _GATE_FORMAT})
         meta = {"format": _GATE_FORMAT, "format_version": 1, "layer": self.layer, "bias": self.bias,
                 "threshold": self.threshold, "hidden_size": self.hidden_size, "metrics": self.metrics,
                 "source": self.source}
-        (out / GATE_FILES[1]).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(out / GATE_FILES[1], meta, indent=2, sort_keys=True)
         return out
 
     @classmethod
@@ -102,16 +104,26 @@ class Gate:
         missing = [n for n in GATE_FILES if not (d / n).is_file()]
         if missing:
             raise FileNotFoundError(f"no gate in {str(d)!r}: missing {', '.join(missing)}; run calibration first")
-        meta = json.loads((d / GATE_FILES[1]).read_text(encoding="utf-8"))
+        with naming(d):
+            return cls._load(d)
+
+    @classmethod
+    def _load(cls, d: Path) -> Gate:
+        meta = read_json(d / GATE_FILES[1], fix=_REDO)
         if meta.get("format") != _GATE_FORMAT:
             raise ValueError(f"{d / GATE_FILES[1]} is not a steering gate (format={meta.get('format')!r})")
         if meta.get("format_version") != 1:
             raise ValueError(f"gate format version {meta.get('format_version')} is not supported (this library reads 1); "
                              "upgrade mllm-guardrails")
-        tensors = load_file(str(d / GATE_FILES[0]))
+        bad = [k for k, kind in (("layer", int), ("bias", (int, float)), ("hidden_size", int))
+               if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), kind)]
+        bad += [k for k in ("metrics", "source") if not isinstance(meta.get(k, {}), dict)]
+        if bad:
+            raise ValueError(f"{d / GATE_FILES[1]} has a missing or mistyped {', '.join(bad)}; {_REDO}")
+        tensors = load_tensors(d / GATE_FILES[0], fix=_REDO)
         if set(tensors) != {"direction"}:
             raise ValueError(f"{d / GATE_FILES[0]} must hold exactly one tensor 'direction', found {sorted(tensors)}")
-        gate = cls(layer=int(meta["layer"]), direction=tensors["direction"], bias=float(meta["bias"]),
+        gate = cls(layer=meta["layer"], direction=tensors["direction"], bias=meta["bias"],
                    metrics=dict(meta.get("metrics", {})), source=dict(meta.get("source", {})))
         if gate.hidden_size != meta["hidden_size"]:
             raise ValueError(f"gate direction has {gate.hidden_size} entries but gate.json says hidden size {meta['hidden_size']}")

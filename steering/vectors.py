@@ -7,16 +7,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._files import load_tensors, naming, read_json, save_tensors, write_json
 from ._provenance import check_against_model, library_version, model_record, now_iso
 from .extract import METHODS, READ_POSITION, Activations, Method, Prompt, compute_directions, extract_activations
 from .gate import GATE_FILES, Gate
@@ -26,6 +25,7 @@ __all__ = ["MANIFEST_FILE", "TENSOR_FILE", "Manifest", "SteeringVectors", "extra
 TENSOR_FILE = "vectors.safetensors"
 MANIFEST_FILE = "manifest.json"
 _FORMAT = "steering-vectors"
+_REDO = "extract the vectors again (python -m steering extract, or SteeringVectors.save)"
 
 
 @dataclass
@@ -95,6 +95,9 @@ class SteeringVectors:
             if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.shape[0] != self.manifest.hidden_size:
                 shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"vector for layer {layer} has shape {shape}; expected ({self.manifest.hidden_size},)")
+            if not bool(torch.isfinite(v).all()):
+                # A NaN or inf vector turns every steered activation into NaN: the model answers '!!!!'.
+                raise ValueError(f"vector for layer {layer} holds NaN or infinite values; {_REDO}")
             if not 0 <= int(layer) < self.manifest.num_layers:
                 raise ValueError(f"layer {layer} is out of range for a model with {self.manifest.num_layers} layers")
             clean[int(layer)] = v.detach().float().cpu()
@@ -147,9 +150,8 @@ class SteeringVectors:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {f"layer.{i}": v.contiguous() for i, v in self.vectors.items()}
-        save_file(tensors, str(out / TENSOR_FILE), metadata={"format": _FORMAT})
-        (out / MANIFEST_FILE).write_text(json.dumps(self.manifest.to_dict(), indent=2, sort_keys=True) + "\n",
-                                         encoding="utf-8")
+        save_tensors(tensors, out / TENSOR_FILE, metadata={"format": _FORMAT})
+        write_json(out / MANIFEST_FILE, self.manifest.to_dict(), indent=2, sort_keys=True)
         if self.gate is not None:
             self.gate.save(out)
         else:
@@ -166,16 +168,17 @@ class SteeringVectors:
         missing = [n for n in (TENSOR_FILE, MANIFEST_FILE) if not (d / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{str(d)!r} is not a steering-vectors folder: missing {', '.join(missing)}")
-        manifest = Manifest.from_dict(json.loads((d / MANIFEST_FILE).read_text(encoding="utf-8")))
-        tensors = load_file(str(d / TENSOR_FILE))
-        vectors: dict[int, torch.Tensor] = {}
-        for key, value in tensors.items():
-            prefix, _, index = key.partition(".")
-            if prefix != "layer" or not index.isdigit():
-                raise ValueError(f"unexpected tensor {key!r} in {d / TENSOR_FILE}; expected 'layer.<index>' keys")
-            vectors[int(index)] = value
-        gate = Gate.load(d) if with_gate and all((d / n).is_file() for n in GATE_FILES) else None
-        return cls(vectors=vectors, manifest=manifest, gate=gate)
+        with naming(d):
+            manifest = Manifest.from_dict(read_json(d / MANIFEST_FILE, fix=_REDO))
+            tensors = load_tensors(d / TENSOR_FILE, fix=_REDO)
+            vectors: dict[int, torch.Tensor] = {}
+            for key, value in tensors.items():
+                prefix, _, index = key.partition(".")
+                if prefix != "layer" or not index.isdigit():
+                    raise ValueError(f"unexpected tensor {key!r} in {d / TENSOR_FILE}; expected 'layer.<index>' keys")
+                vectors[int(index)] = value
+            gate = Gate.load(d) if with_gate and all((d / n).is_file() for n in GATE_FILES) else None
+            return cls(vectors=vectors, manifest=manifest, gate=gate)
 
     # -- checks -----------------------------------------------------------------------------
 

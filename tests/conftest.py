@@ -17,6 +17,39 @@ torch.set_num_threads(1)
 from guardrails.data import shared_data_dir  # noqa: E402
 from guardrails.testing import ARCHITECTURES, TinyModel, build_tiny  # noqa: E402
 
+# Property-based tests (tests/test_fuzz.py). "ci", the default, is bounded so the whole fuzz suite
+# stays well under 3 minutes on 2 cores; `pytest --hypothesis-profile=long` runs 25x more cases.
+# derandomize: CI runs the same cases every time (a failure is reproducible); long explores anew.
+try:
+    from hypothesis import HealthCheck, settings
+
+    _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, suppress_health_check=_FUZZ_HEALTH,
+                              print_blob=True)
+    settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=_FUZZ_HEALTH, print_blob=True)
+    settings.load_profile("ci")
+except ImportError:  # hypothesis is in the `test` extra; tests/test_fuzz.py skips without it
+    pass
+
+#: generated cases per fuzz test in this session (reported at the end of the run)
+FUZZ_CASES: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_CASES:
+        from hypothesis import settings
+
+        total = sum(FUZZ_CASES.values())
+        per = ", ".join(f"{k} {v}" for k, v in FUZZ_CASES.items())
+        terminalreporter.write_line(f"fuzz: {total} generated cases under hypothesis profile "
+                                    f"{settings.get_current_profile_name()!r} ({per})")
+
+
+@pytest.fixture(scope="session")
+def fuzz_cases() -> dict[str, int]:
+    """Counter the fuzz tests add to, one key per test."""
+    return FUZZ_CASES
+
 
 def pytest_sessionstart(session):
     """Print the versions this run tests, also under -q (CI runs against the lock and the newest releases)."""

@@ -180,6 +180,15 @@ def test_config_mismatch_is_an_error(bench_env, clean_run, tmp_path):
     assert bs.run_safety(make_cfg(bench_env, out, defenses=["none"]))["complete"]
 
 
+def test_a_model_that_fails_to_load_leaves_no_run_config(bench_env, tmp_path):
+    """Issue 14: after a typo in --model, the corrected rerun into the same --out must not be refused."""
+    out = tmp_path / "typo"
+    with pytest.raises(ValueError, match="unknown tiny architecture 'lava'"):
+        bs.run_safety(make_cfg(bench_env, out, defenses=["none"], model="tiny:lava"))
+    assert not (out / bs.RUN_CONFIG).exists()
+    assert bs.run_safety(make_cfg(bench_env, out, defenses=["none"], model="tiny:llama"))["complete"]
+
+
 def test_rows_from_another_config_are_refused(bench_env, clean_run, tmp_path):
     clean_out, _ = clean_run
     out = tmp_path / "mixed"

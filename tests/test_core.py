@@ -300,7 +300,7 @@ def test_offline_hub_id_gives_clear_error(monkeypatch):
     from guardrails import load
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="Hugging Face Hub .*pass the folder path"):
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set .*hf download no-such-org.* --local-dir DIR.*pass the folder"):
         load("no-such-org/no-such-model-guardrails-test")
 
 

@@ -220,10 +220,10 @@ def test_stream_mode_row_that_ends_early_is_checked_whole_after(setup):
         pytest.skip("no token of row 1 can serve as an EOS that only row 1 emits")
     det = MarkerDetector(marker)
     g = wrap(t.model, t.processor, [Protector(det, detoxifier="refuse", mode="stream", every=every)])
-    r0, r1 = g.chat(convs(t, 2), **GREEDY, eos_token_id=ids1[k])  # row 1 ends after k + 1 tokens
-    assert r1.token_ids == ids1[: k + 1] and not r1.flagged
+    r0, r1 = g.chat(convs(t, 2), **GREEDY, eos_token_id=ids1[k])  # row 1 ends at its (k+1)-th token
+    assert r1.token_ids == ids1[:k] and not r1.flagged  # the EOS given to chat is cut like the configured one
     checks1 = r1.verdicts_of("Protector")[-1].detail["checks"]
-    assert checks1 == [{"tokens": 4, "score": 0.0}, {"tokens": k + 1, "score": 0.0, "stage": "after"}]
+    assert checks1 == [{"tokens": 4, "score": 0.0}, {"tokens": k, "score": 0.0, "stage": "after"}]
     assert r0.token_ids == bare[0].token_ids[:n_fire] and r0.refused
     assert [len(texts) for texts, _ in det.calls[: n_fire // every]] == [2] + [1] * (n_fire // every - 1)
 

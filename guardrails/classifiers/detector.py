@@ -10,7 +10,6 @@ stored in one safetensors file; the manifest names the encoder, features and tra
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -19,9 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from steering._files import naming, save_tensors, write_json
+
 from guardrails.classifiers._common import encode
 from guardrails.classifiers.base import HarmClassifier, HarmScore
-from guardrails.classifiers.embedding import FORMAT_VERSION, HEAD_FILE, MANIFEST, LinearHead, library_version, read_probe_dir, sha256_file
+from guardrails.classifiers.embedding import (
+    FORMAT_VERSION,
+    HEAD_FILE,
+    MANIFEST,
+    LinearHead,
+    check_n_features,
+    library_version,
+    read_probe_dir,
+    sha256_file,
+)
 
 KIND = "prompt-response-detector"
 HEADS = ("prompt", "response", "stack")
@@ -149,27 +159,30 @@ class PromptResponseDetector(HarmClassifier):
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
-        from safetensors.numpy import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, np.ndarray] = {}
         for h in HEADS:
             tensors.update(self.heads[h].tensors(prefix=f"{h}."))
-        save_file(tensors, str(d / HEAD_FILE))
-        os.chmod(d / HEAD_FILE, 0o644)  # safetensors writes 0600; the file ships in packages and shared folders
+        save_tensors(tensors, d / HEAD_FILE)
         man = self.manifest()
         man["head_sha256"] = sha256_file(d / HEAD_FILE)
-        (d / MANIFEST).write_text(json.dumps(man, indent=1) + "\n", encoding="utf-8")
+        write_json(d / MANIFEST, man, indent=1)
         return d
 
     @classmethod
     def load(cls, directory: str | os.PathLike, encoder: Any, tokenizer: Any, *, threshold: float = 0.5) -> PromptResponseDetector:
-        man, tensors = read_probe_dir(directory)
-        if man.get("kind") != KIND:
-            raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
-        heads = {h: LinearHead.from_tensors(tensors, prefix=f"{h}.") for h in HEADS}
-        skip = ("format_version", "kind", "name", "library_version", "features", "heads", "head_file", "head_sha256", "stack_features", "keyword_features")
-        meta = {k: v for k, v in man.items() if k not in skip}
-        return cls(encoder, tokenizer, heads, features=FeatureConfig.from_dict(man["features"]), name=man.get("name", KIND),
-                   metadata=meta, threshold=threshold, keyword_features=man.get("keyword_features", []))
+        with naming(directory):
+            man, tensors = read_probe_dir(directory)
+            if man.get("kind") != KIND:
+                raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
+            heads = {h: LinearHead.from_tensors(tensors, prefix=f"{h}.") for h in HEADS}
+            declared = man.get("heads") if isinstance(man.get("heads"), dict) else {}
+            for h in HEADS:
+                entry = declared.get(h)
+                check_n_features(directory, entry.get("n_features") if isinstance(entry, dict) else None,
+                                 heads[h].n_features, f"the {h} head")
+            skip = ("format_version", "kind", "name", "library_version", "features", "heads", "head_file", "head_sha256", "stack_features", "keyword_features")
+            meta = {k: v for k, v in man.items() if k not in skip}
+            return cls(encoder, tokenizer, heads, features=FeatureConfig.from_dict(man["features"]), name=man.get("name", KIND),
+                       metadata=meta, threshold=threshold, keyword_features=man.get("keyword_features", []))

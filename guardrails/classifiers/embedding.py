@@ -7,7 +7,6 @@ Saved as ``head.safetensors`` (coefficients, intercept, standardisation) + ``man
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from steering._files import load_tensors, naming, read_json, save_tensors, write_json
 
 from guardrails.classifiers._common import QA_FORMAT, TEXT_ONLY_FORMAT, check_format, encode, format_rows
 from guardrails.classifiers.base import HarmClassifier, HarmScore
@@ -292,49 +293,66 @@ class EmbeddingProbe(HarmClassifier):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``head.safetensors`` + ``manifest.json`` (with the head's sha256) to ``directory``."""
-        from safetensors.numpy import save_file
-
         if self.head is None:
             raise RuntimeError("nothing to save: fit the probe first")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file(self.head.tensors(), str(d / HEAD_FILE))
-        os.chmod(d / HEAD_FILE, 0o644)  # safetensors writes 0600; the file ships in packages and shared folders
+        save_tensors(self.head.tensors(), d / HEAD_FILE)
         man = self.manifest()
         man["head_sha256"] = sha256_file(d / HEAD_FILE)
-        (d / MANIFEST).write_text(json.dumps(man, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+        write_json(d / MANIFEST, man, indent=1)
         return d
 
     @classmethod
     def load(cls, directory: str | os.PathLike, encoder: Any, tokenizer: Any, *, threshold: float | None = None) -> EmbeddingProbe:
         """Load a saved probe onto ``encoder``/``tokenizer`` (the same encoder it was fitted with)."""
-        man, tensors = read_probe_dir(directory)
-        if man.get("kind") != "embedding-probe":
-            raise ValueError(f"{directory} holds a {man.get('kind')!r}, not an embedding probe")
-        cfg = dict(man["config"])
-        if threshold is not None:
-            cfg["threshold"] = threshold
-        head = LinearHead.from_tensors(tensors)
-        meta = {k: v for k, v in man.items() if k not in ("format_version", "kind", "name", "library_version", "config", "head_file", "n_features", "head_sha256")}
-        probe = cls(encoder, tokenizer, head, config=ProbeConfig.from_dict(cfg), name=man.get("name", "embedding-probe"), metadata=meta)
-        probe.encoder_name = str(man.get("encoder", {}).get("name", probe.encoder_name))
-        return probe
+        with naming(directory):
+            man, tensors = read_probe_dir(directory)
+            if man.get("kind") != "embedding-probe":
+                raise ValueError(f"{directory} holds a {man.get('kind')!r}, not an embedding probe")
+            cfg = dict(man["config"])
+            if threshold is not None:
+                cfg["threshold"] = threshold
+            head = LinearHead.from_tensors(tensors)
+            check_n_features(directory, man.get("n_features"), head.n_features, "the head")
+            meta = {k: v for k, v in man.items() if k not in ("format_version", "kind", "name", "library_version", "config", "head_file", "n_features", "head_sha256")}
+            probe = cls(encoder, tokenizer, head, config=ProbeConfig.from_dict(cfg), name=man.get("name", "embedding-probe"), metadata=meta)
+            probe.encoder_name = str(man.get("encoder", {}).get("name", probe.encoder_name))
+            return probe
+
+
+#: what to do about a detector folder that cannot be read
+REDO = "retrain it (python -m guardrails train-detector, or the probe's save()); for the shipped detector, reinstall mllm-guardrails"
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a saved probe or detector folder (any kind), with a clear error when it is not one."""
+    d = Path(directory)
+    if not (d / MANIFEST).is_file():
+        raise FileNotFoundError(f"{d / MANIFEST} not found: pass the folder written by save() / train-detector")
+    man = read_json(d / MANIFEST, fix=REDO)
+    if man.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{d} has format_version {man.get('format_version')!r}; this library reads {FORMAT_VERSION}")
+    if not isinstance(man.get("head_file", HEAD_FILE), str):
+        raise ValueError(f"{d / MANIFEST}: head_file must be a file name, got {man['head_file']!r}; {REDO}")
+    return man
 
 
 def read_probe_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Manifest and tensors of a saved probe/detector; checks the head's sha256 when recorded."""
-    from safetensors.numpy import load_file
-
     d = Path(directory)
-    if not (d / MANIFEST).is_file():
-        raise FileNotFoundError(f"{d / MANIFEST} not found: pass the folder written by save() / train-detector")
-    man = json.loads((d / MANIFEST).read_text("utf-8"))
-    if man.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d} has format_version {man.get('format_version')!r}; this library reads {FORMAT_VERSION}")
+    man = read_manifest(d)
     head_path = d / man.get("head_file", HEAD_FILE)
     if not head_path.is_file():
         raise FileNotFoundError(f"{head_path} is missing (named in {d / MANIFEST})")
     want = man.get("head_sha256")
     if want and sha256_file(head_path) != want:
         raise ValueError(f"{head_path} does not match the sha256 in its manifest: the files are from different runs")
-    return man, load_file(str(head_path))
+    return man, load_tensors(head_path, fix=REDO, numpy=True)
+
+
+def check_n_features(directory: str | os.PathLike, declared: Any, actual: int, what: str) -> None:
+    """A manifest's ``n_features`` must match the head file it describes (a mix of two runs otherwise)."""
+    if declared != actual:
+        raise ValueError(f"{Path(directory) / MANIFEST} says {what} takes n_features={declared!r} but its head file holds "
+                         f"{actual} weights: the files are from different runs; {REDO}")

@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from guardrails.classifiers.embedding import LinearHead, sha256_file
+from steering._files import naming, save_tensors, write_json
+
+from guardrails.classifiers.embedding import LinearHead, check_n_features, read_probe_dir, sha256_file
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 
 __all__ = ["HiddenStateProbe", "HiddenProbeConfig", "HiddenCapture", "POOLINGS"]
@@ -501,56 +503,38 @@ class HiddenStateProbe(HarmClassifier):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``head.safetensors`` + ``manifest.json`` (with the head's sha256); returns the folder."""
-        from safetensors.numpy import save_file
-
         man = self.manifest()
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file(self.head.tensors(), str(d / HEAD_FILE))  # type: ignore[union-attr]
+        save_tensors(self.head.tensors(), d / HEAD_FILE)  # type: ignore[union-attr]
         man["head_sha256"] = sha256_file(d / HEAD_FILE)
-        (d / MANIFEST).write_text(json.dumps(man, indent=1) + "\n", encoding="utf-8")
+        write_json(d / MANIFEST, man, indent=1)
         return d
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: Any = None, processor: Any = None) -> HiddenStateProbe:
         """Load a saved probe; bound to ``model`` when given (checked against the manifest), else unbound."""
-        from safetensors.numpy import load_file
-
-        man = read_manifest(directory)
-        if man.get("kind") != KIND:
-            raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
-        d = Path(directory)
-        head_path = d / man.get("head_file", HEAD_FILE)
-        if not head_path.is_file():
-            raise FileNotFoundError(f"{head_path} is missing (named in {d / MANIFEST})")
-        if man.get("head_sha256") and sha256_file(head_path) != man["head_sha256"]:
-            raise ValueError(f"{head_path} does not match the sha256 in its manifest: the files are from different runs")
-        fit = man.get("fit", {})
-        sig = _Signature(**man["model"])
-        probe = cls(layer=int(man["layer"]), pooling=man["pooling"], layers_path=sig.layers_path,
-                    C=fit.get("C", 1.0), class_weight=fit.get("class_weight", "balanced"), max_iter=fit.get("max_iter", 2000),
-                    batch_size=man.get("batch_size", 8), name=man.get("name"))
-        probe.head = _Head.from_tensors(load_file(str(head_path)))
-        if probe.head.n_features != sig.hidden_size:
-            raise ValueError(f"{head_path} has {probe.head.n_features} weights but the manifest says hidden size {sig.hidden_size}")
-        probe.signature = sig
-        skip = {"format_version", "kind", "name", "library_version", "model", "pooling", "features", "fit", "batch_size",
-                "head_file", "n_features", "head_sha256"}
-        probe.metadata = {k: v for k, v in man.items() if k not in skip}
-        if model is not None:
-            probe.bind(model, processor)
-        return probe
-
-
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a saved probe folder (any kind), with a clear error when it is not one."""
-    d = Path(directory)
-    if not (d / MANIFEST).is_file():
-        raise FileNotFoundError(f"{d / MANIFEST} not found: pass the folder written by probe.save()")
-    man = json.loads((d / MANIFEST).read_text("utf-8"))
-    if man.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d} has format_version {man.get('format_version')!r}; this library reads {FORMAT_VERSION}")
-    return man
+        with naming(directory):
+            man, tensors = read_probe_dir(directory)
+            if man.get("kind") != KIND:
+                raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
+            head_path = Path(directory) / man.get("head_file", HEAD_FILE)
+            fit = man.get("fit", {})
+            sig = _Signature(**man["model"])
+            probe = cls(layer=int(man["layer"]), pooling=man["pooling"], layers_path=sig.layers_path,
+                        C=fit.get("C", 1.0), class_weight=fit.get("class_weight", "balanced"), max_iter=fit.get("max_iter", 2000),
+                        batch_size=man.get("batch_size", 8), name=man.get("name"))
+            probe.head = _Head.from_tensors(tensors)
+            check_n_features(directory, man.get("n_features"), probe.head.n_features, "the head")
+            if probe.head.n_features != sig.hidden_size:
+                raise ValueError(f"{head_path} has {probe.head.n_features} weights but the manifest says hidden size {sig.hidden_size}")
+            probe.signature = sig
+            skip = {"format_version", "kind", "name", "library_version", "model", "pooling", "features", "fit", "batch_size",
+                    "head_file", "n_features", "head_sha256"}
+            probe.metadata = {k: v for k, v in man.items() if k not in skip}
+            if model is not None:
+                probe.bind(model, processor)
+            return probe
 
 
 def _conversation(query: Any, i: int) -> list[dict[str, Any]]:

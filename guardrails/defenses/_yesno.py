@@ -17,15 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
+from guardrails.results import check_threshold
+
 YES_VARIANTS: tuple[str, ...] = (" yes", "yes", "Yes", " Yes")
 NO_VARIANTS: tuple[str, ...] = (" no", "no", "No", " No")
 
 
 def check_judge_config(cfg: object) -> None:
     """Checks shared by the yes/no-judging defenses' configs (ECSO, SelfModeration); frozen-safe."""
-    t = cfg.threshold
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
-        raise ValueError(f"threshold must be a probability in (0, 1] (P(unsafe) at or above it is unsafe), got {t!r}")
+    check_threshold(cfg.threshold)
     if not isinstance(cfg.reuse_cache, bool):
         raise TypeError(f"reuse_cache must be True or False, got {cfg.reuse_cache!r}")
     for name in ("yes_tokens", "no_tokens"):

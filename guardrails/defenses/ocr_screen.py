@@ -30,7 +30,7 @@ import prompts
 from guardrails import conversation as conv_mod
 from guardrails.classifiers.base import HarmClassifier
 from guardrails.defense import CallContext, Defense, Row
-from guardrails.results import Verdict
+from guardrails.results import Verdict, check_threshold
 
 Mode = Literal["classify", "reveal", "gate"]
 
@@ -90,11 +90,19 @@ class OCRScreen(Defense):
             raise ValueError(f"classifier= is only used in mode='classify', not {mode!r}")
         if overlap and mode == "reveal":
             raise ValueError("overlap=True cannot apply to mode='reveal': the revealed text must be in the prompt before generation")
-        if not 0.0 <= float(threshold) <= 1.0 and mode == "classify":
-            raise ValueError(f"threshold is a P(unsafe) in [0, 1] for mode='classify', got {threshold!r}")
+        threshold = check_threshold(threshold)
+        from guardrails.ocr.engines import ENGINES
+
+        # Checked now: a wrong name must not surface only at the first image, row after row.
+        if isinstance(engine, str) and engine.lower() not in ("auto", *ENGINES):
+            raise ValueError(f"unknown OCR engine {engine!r}; choose one of {['auto', *ENGINES]}")
+        if not isinstance(engine, str) and not callable(getattr(engine, "read_all", None)):
+            raise TypeError(f"engine must be an OCR engine name or a guardrails.ocr.OCREngine, got {type(engine).__name__}")
+        if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 0:
+            raise ValueError(f"min_chars must be an int >= 0 (image text shorter than this is ignored), got {min_chars!r}")
         if classifier is not None and not isinstance(classifier, HarmClassifier):
             raise TypeError(f"classifier must be a guardrails HarmClassifier, got {type(classifier).__name__}")
-        self.mode, self.threshold, self.overlap, self.min_chars = mode, float(threshold), bool(overlap), int(min_chars)
+        self.mode, self.threshold, self.overlap, self.min_chars = mode, threshold, bool(overlap), min_chars
         # Off by default, measured: the default detector scores FigStep's own benign typed prompt
         # 0.971, so judging image text + typed text flagged 98% of benign typographic images
         # (benchmarks/ocr_detection.py). Typed text is a prompt classifier's job; this screen

@@ -40,7 +40,7 @@ from guardrails import conversation as conv_mod
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.classifiers.hidden_probe import HiddenStateProbe
 from guardrails.defense import CallContext, Defense, Row
-from guardrails.results import Verdict
+from guardrails.results import Verdict, check_threshold
 
 __all__ = ["Protector", "ProtectorConfig", "Detoxifier", "MODES", "DETOX_PROMPT"]
 
@@ -51,11 +51,6 @@ _CALL_BOUND = ("streamer", "stopping_criteria", "logits_processor")
 # Generation settings that make sense for a separate model (token ids of the wrapped model's tokenizer do not).
 _PORTABLE = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
              "num_beams", "repetition_penalty", "no_repeat_ngram_size", "length_penalty")
-
-
-def _check_prob(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
-        raise ValueError(f"{name} must be a probability in (0, 1] (P(unsafe) at or above it is unsafe), got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +65,7 @@ class ProtectorConfig:
     max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        _check_prob("threshold", self.threshold)
+        check_threshold(self.threshold)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} ('post': after the answer, 'stream': every `every` tokens), got {self.mode!r}")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -510,7 +505,8 @@ def load_detector(spec: str) -> HarmClassifier:
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"detector={spec!r} is neither 'default' nor a folder; pass a folder written by a probe's save()")
-    from guardrails.classifiers.hidden_probe import KIND, read_manifest
+    from guardrails.classifiers.embedding import read_manifest
+    from guardrails.classifiers.hidden_probe import KIND
 
     kind = read_manifest(path).get("kind")
     if kind == KIND:
