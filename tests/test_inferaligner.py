@@ -318,5 +318,5 @@ def test_spec_from_saved_dirs(llama, vectors, tmp_path):
     assert d3.gate is None
     with pytest.raises(ValueError, match="needs vectors=DIR"):
         build_defenses("inferaligner:alpha=2")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="defense 'inferaligner': steering vectors folder .*nope' does not exist"):
         build_defenses(f"inferaligner:vectors={tmp_path / 'nope'}")
