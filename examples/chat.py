@@ -41,8 +41,10 @@ def load_model(name: str):
 
     if name in models.REGISTRY and not models.is_fetched(name):
         models.fetch(name, progress=lambda line: print(line, file=sys.stderr))
-    # The fetched models are saved in bfloat16; "auto" would read them so too, this says it.
-    return load(name, dtype=torch.bfloat16 if name in models.REGISTRY else "auto")  # tiny:ARCH too
+    # The fetched models are saved in bfloat16. On a CPU without bfloat16 kernels float32 decodes
+    # about 2x faster (measured on the 2-core EPYC machines: 27 s vs 55 s for 4 x 32 tokens).
+    fetched_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return load(name, dtype=fetched_dtype if name in models.REGISTRY else "auto")  # tiny:ARCH too
 
 
 def choose_model(requested: str | None) -> str:
