@@ -17,6 +17,8 @@ _EXPORTS = {
     "wrap": "guardrails.guarded",
     "GuardedModel": "guardrails.guarded",
     "GuardedStream": "guardrails.guarded",
+    "CallRecord": "guardrails.guarded",
+    "ModelCalls": "guardrails.calls",
     "load": "guardrails.loading",
     "GuardedResult": "guardrails.results",
     "Verdict": "guardrails.results",

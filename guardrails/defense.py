@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from guardrails.calls import ModelCalls, active_call, scoped_hook
 from guardrails.conversation import Conversation
 from guardrails.results import Stage, Verdict
 
@@ -63,23 +64,16 @@ class Row:
         self.text = text
 
 
-class _RowStopper(StoppingCriteria):
-    """Per-row stopping: rows that a defense stopped report True, the others keep going."""
-
-    def __init__(self, flags: torch.Tensor):
-        self.flags = flags
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.flags.to(input_ids.device)
-
-
 class CallContext:
-    """Everything one call's stages share: rows, the engine, and what generate will receive."""
+    """Everything one call's stages share: rows, the engine, the model-call service, and what
+    generate will receive. One per call: nothing here is shared with another call."""
 
     def __init__(self, engine: Engine | None, mode: str, rows: list[Row], generate_kwargs: dict[str, Any]):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.engine = engine
+        #: the one way a defense calls the model (batched, locked, scoped, with KV-cache reuse)
+        self.calls = ModelCalls(engine, self) if engine is not None else None
         self.mode = mode
         self.rows = rows
         self.generate_kwargs = generate_kwargs
@@ -87,6 +81,8 @@ class CallContext:
         #: filled before the during stage: the batch as sent to generate
         self.inputs: dict[str, torch.Tensor] = {}
         self.prompt_len = 0
+        #: what the answer's ``generate`` returned (``GuardedModel.generate`` returns it as is)
+        self.output: Any = None
         self.logits_processors = LogitsProcessorList()
         self.stopping_criteria = StoppingCriteriaList()
         self.stop_flags = torch.zeros(0, dtype=torch.bool)
@@ -110,6 +106,18 @@ class CallContext:
 
     def stop_all(self) -> None:
         self.stop_flags[:] = True
+
+    def scoped(self, hook: Any) -> Any:
+        """``hook`` (a forward hook or pre-hook) acting only while this call runs the model.
+
+        Hooks live on the shared model object: wrap every hook a ``_during`` registers, so another
+        wrapper's call, or a plain ``model.generate`` in another thread, passes through untouched.
+        """
+        return scoped_hook(self, hook)
+
+    def is_active(self) -> bool:
+        """True while this call runs the model in the current thread/context."""
+        return active_call() is self
 
     def add_time(self, key: str, ms: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + ms
@@ -135,6 +143,10 @@ class Defense:
 
     def __init__(self, name: str | None = None):
         self.name = name or type(self).__name__
+
+    def uses_generation_cache(self) -> bool:
+        """True when after-stage model calls (``ctx.calls`` with rows) should reuse the answer's KV cache."""
+        return False
 
     # -- which stages exist ------------------------------------------------------------------
     def _overrides(self, method: str) -> bool:

@@ -1,12 +1,11 @@
 """The model side of a call: chat templates, left-padded batches, generation and decoding.
 
-Defenses use it (through the call context) to render prompts, run extra generations or read
-next-token logits, without knowing which architecture they face.
+Stateless after construction (safe to share between threads); defenses reach the model through
+the call's :class:`guardrails.calls.ModelCalls`, which uses this.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,17 +96,6 @@ class Engine:
             for c in batch
         ]
 
-    @contextlib.contextmanager
-    def _left_padding(self):
-        # Left padding keeps every row's last prompt token at position -1, which batched
-        # generation and last-token activation reads both rely on.
-        old = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            yield
-        finally:
-            self.tokenizer.padding_side = old
-
     def encode(self, conversations: Sequence[Conversation], continue_final_message: bool = False) -> dict[str, torch.Tensor]:
         """A left-padded batch of model inputs on the model's (first) device.
 
@@ -115,18 +103,29 @@ class Engine:
         model continues it instead of starting a new turn.
         """
         batch = self._template_inputs(conversations)
-        # Processors take tokenizer options in processor_kwargs; tokenizers take them directly.
-        padding = {"processor_kwargs": {"padding": True}} if isinstance(self.processor, ProcessorMixin) else {"padding": True}
-        with self._left_padding():
-            enc = self.processor.apply_chat_template(
-                batch,
-                add_generation_prompt=not continue_final_message,
-                continue_final_message=continue_final_message,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                **padding,
-            )
+        # Left padding keeps every row's last prompt token at position -1, which batched generation
+        # and last-token reads rely on. Asked for per call: the tokenizer may be shared across threads.
+        # Processors take tokenizer options in processor_kwargs; tokenizers in tokenizer_kwargs.
+        if isinstance(self.processor, ProcessorMixin):
+            padding = {"processor_kwargs": {"padding": True, "padding_side": "left"}}
+        else:
+            padding = {"padding": True, "tokenizer_kwargs": {"padding_side": "left"}}
+        enc = self.processor.apply_chat_template(
+            batch,
+            add_generation_prompt=not continue_final_message,
+            continue_final_message=continue_final_message,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            **padding,
+        )
+        return self._on_device(enc)
+
+    def encode_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """A left-padded batch of raw prompt strings (no chat template)."""
+        return self._on_device(self.tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left"))
+
+    def _on_device(self, enc: Any) -> dict[str, torch.Tensor]:
         device = _input_device(self.model)
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in dict(enc).items()}
 
@@ -149,53 +148,32 @@ class Engine:
             pad = eos[0] if isinstance(eos, (list, tuple)) else eos
         return pad
 
-    def split_new_tokens(self, sequences: torch.Tensor, prompt_len: int, stops: set[int] | None = None) -> list[list[int]]:
-        """New tokens per row, cut at the first end-of-sequence or padding token (``stops``, default
-        :attr:`stop_token_ids`)."""
+    def run_generate(self, inputs: dict[str, Any], kw: dict[str, Any], streamer: Any = None) -> Any:
+        """``model.generate`` (inference mode, the pad token defaulted); returns what it returns."""
+        kw = dict(kw)
+        kw.setdefault("pad_token_id", self.pad_token_id)
+        if streamer is not None:
+            kw["streamer"] = streamer
+        with torch.inference_mode():
+            return self.model.generate(**inputs, **kw)
+
+    def generations(self, output: Any, prompt_len: int, stops: set[int] | None = None) -> list[Generation]:
+        """Decoded new tokens per row of a ``generate`` output, cut at the first stop token
+        (``stops``, default :attr:`stop_token_ids`)."""
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
         stops = self.stop_token_ids if stops is None else stops
         rows = []
         for seq in sequences[:, prompt_len:].tolist():
-            out = []
+            ids = []
             for t in seq:
                 if t in stops:
                     break
-                out.append(t)
-            rows.append(out)
+                ids.append(t)
+            rows.append(Generation(self.decode(ids), ids))
         return rows
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def generate(self, conversations: Sequence[Conversation], **generate_kwargs: Any) -> list[Generation]:
-        """Bare batched generation (no defenses): what a defense uses to regenerate or revise."""
-        if not conversations:
-            return []
-        inputs = self.encode(conversations)
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, **generate_kwargs)
-        sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        rows = self.split_new_tokens(sequences, inputs["input_ids"].shape[1], self.stop_token_ids_for(generate_kwargs))
-        return [Generation(self.decode(ids), ids) for ids in rows]
-
-    def next_token_logits(self, conversations: Sequence[Conversation], answer_prefix: str = "") -> torch.Tensor:
-        """Logits [B, vocab] (float32, CPU) for the next token of the assistant's answer.
-
-        ``answer_prefix`` starts the answer (e.g. "Answer:"); reading yes/no from these
-        probabilities is robust where comparing generated strings is not.
-        """
-        if not conversations:
-            return torch.empty(0)
-        if answer_prefix:
-            conversations = [conv_mod.append_turns(c, ("assistant", answer_prefix)) for c in conversations]
-        inputs = self.encode(conversations, continue_final_message=bool(answer_prefix))
-        # One generate step rather than a bare forward: generate derives position ids from the
-        # attention mask (left padding) and each architecture's own rules (Qwen2-VL's 3-D rope).
-        with torch.inference_mode():
-            out = self.model.generate(
-                **inputs, max_new_tokens=1, do_sample=False, output_logits=True,
-                return_dict_in_generate=True, pad_token_id=self.pad_token_id,
-            )
-        return out.logits[0].float().cpu()
 
     def token_id(self, text: str) -> int:
         """The single token id of ``text``; an error when the tokenizer splits it."""

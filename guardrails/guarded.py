@@ -1,24 +1,41 @@
-"""``wrap()`` and ``GuardedModel``: one core flow behind chat, stream and generate."""
+"""``wrap()`` and ``GuardedModel``: one core flow behind chat, stream and generate.
+
+Concurrency contract. Per-call state lives in the call (:class:`~guardrails.defense.CallContext`),
+never on the wrapper or the model, so one GuardedModel may be used from any number of threads:
+
+- calls on one model object are serialised by that model's lock (:func:`guardrails.calls.model_lock`),
+  shared by every wrapper around it; a call holds it only while it uses the model, never while it
+  waits for its caller, so nothing a caller does between stream chunks can block other calls;
+- hooks a call installs act only for that call (:meth:`CallContext.scoped`): a second wrapper around
+  the same model, or a plain ``model.generate``, sees the bare model;
+- ``disabled()`` and ``record()`` apply to the calling thread (contextvars), not to other threads;
+- a stream may be stepped from any thread, one step at a time; its generation runs in a worker
+  thread that ends by itself (at ``max_new_tokens``), or at once when the stream is closed or
+  garbage-collected; its defenses are those active when ``stream()`` was called.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 import queue
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, overload
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from guardrails import conversation as conv_mod
-from guardrails.defense import CallContext, Defense, Row, _RowStopper
+from guardrails.calls import call_scope, model_lock
+from guardrails.defense import CallContext, Defense, Row
 from guardrails.engine import Engine
-from guardrails.results import GuardedResult
+from guardrails.results import GuardedResult, Verdict
 
 
 #: generate() options with their smallest value: a wrong type fails deep inside transformers, if at all
@@ -45,6 +62,36 @@ def check_generate_kwargs(kwargs: dict[str, Any]) -> None:
         raise TypeError(f"do_sample must be True or False, got {kwargs['do_sample']!r}")
 
 
+def check_one_answer_each(kwargs: dict[str, Any], model: Any) -> None:
+    """chat/stream return one answer per conversation: refuse several sequences per row, which would
+    come back interleaved with the other rows' answers."""
+    n = kwargs.get("num_return_sequences")
+    if n is None:
+        n = getattr(kwargs.get("generation_config"), "num_return_sequences", None)
+    if n is None:
+        n = getattr(getattr(model, "generation_config", None), "num_return_sequences", 1)
+    if (n or 1) > 1:
+        raise ValueError(f"chat() and stream() return one answer per conversation, got num_return_sequences={n}; "
+                         "to sample several answers put the conversation in the batch several times "
+                         "(chat([conv] * n, do_sample=True)), or call generate(**inputs, num_return_sequences=n)")
+
+
+#: ids of the GuardedModels disabled in this context (each thread has its own)
+_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("guardrails_disabled", default=frozenset())
+#: (guarded model, its log) for every record() block open in this context
+_RECORDERS: contextvars.ContextVar[tuple[tuple[Any, list[CallRecord]], ...]] = contextvars.ContextVar(
+    "guardrails_recorders", default=())
+
+
+@dataclass
+class CallRecord:
+    """One finished call inside ``record()``: its mode, per-row verdicts and timings."""
+
+    mode: str
+    verdicts: list[list[Verdict]]
+    timings: dict[str, float]
+
+
 def wrap(model: Any, processor: Any | None = None, defenses: Sequence[Defense] = (), *, layers_path: str | None = None) -> GuardedModel:
     """Put ``defenses`` (run in the given order) around a transformers model.
 
@@ -66,6 +113,8 @@ class GuardedModel:
     ``stream``    yes      yes        yes (text held back if the defense must see the whole answer)
     ``generate``  no       yes        no (a defense with before/after stages raises ValueError)
     ============  =======  =========  ==========================================
+
+    Safe to use from several threads; see the module docstring for the contract.
     """
 
     def __init__(self, model: Any, processor: Any | None, defenses: Sequence[Defense], *, layers_path: str | None = None):
@@ -96,12 +145,9 @@ class GuardedModel:
             if d.needs_hidden_states:
                 self.decoder_layers()  # fails early, naming the model class, when layers cannot be found
             self.defenses.append(d)
-        self._disabled = False
         self._unwrapped = False
-        self._lock = threading.RLock()
-        self._busy = False
-        #: per-row verdicts of the last generate() call (generate returns only what the model returns)
-        self.last_verdicts: list[list[Any]] = []
+        #: shared by every wrapper around this model object: calls on it are serialised
+        self._lock = model_lock(model)
 
     # -- transparency ------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -116,12 +162,27 @@ class GuardedModel:
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[GuardedModel]:
-        """Run the bare model inside the block (baselines in the same process)."""
-        old, self._disabled = self._disabled, True
+        """Run the bare model inside the block (baselines in the same process); this thread only."""
+        token = _DISABLED.set(_DISABLED.get() | {id(self)})
         try:
             yield self
         finally:
-            self._disabled = old
+            _DISABLED.reset(token)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[list[CallRecord]]:
+        """Collect a :class:`CallRecord` for every call this thread makes on this model in the block.
+
+        >>> with guarded.record() as calls:
+        ...     out = guarded.generate(**inputs, max_new_tokens=32)
+        >>> calls[0].verdicts[0]     # verdicts of row 0 (generate returns only what model.generate returns)
+        """
+        log: list[CallRecord] = []
+        token = _RECORDERS.set((*_RECORDERS.get(), (self, log)))
+        try:
+            yield log
+        finally:
+            _RECORDERS.reset(token)
 
     def unwrap(self) -> Any:
         """The original model object. Hooks only live for one call, so none is left on it."""
@@ -136,20 +197,28 @@ class GuardedModel:
 
     @property
     def active_defenses(self) -> list[Defense]:
-        return [] if self._disabled else self.defenses
+        """The defenses a call made now, from this thread, runs (none inside ``disabled()``)."""
+        return [] if id(self) in _DISABLED.get() else list(self.defenses)
 
     def render(self, conversation: Any) -> str:
         """The prompt string the model gets for ``conversation`` with no defense applied."""
         return self.engine.render([conv_mod.validate(conversation)])[0]
 
     # -- public calls ------------------------------------------------------------------------
+    @overload
+    def chat(self, conversations: list[dict[str, Any]], **generate_kwargs: Any) -> GuardedResult: ...
+
+    @overload
+    def chat(self, conversations: list[list[dict[str, Any]]], **generate_kwargs: Any) -> list[GuardedResult]: ...
+
     def chat(self, conversations: Any, **generate_kwargs: Any) -> GuardedResult | list[GuardedResult]:
         """Answer one conversation (-> GuardedResult) or a list (-> one GuardedResult each, one batch)."""
         batch, single = conv_mod.validate_batch(conversations)
         check_generate_kwargs(generate_kwargs)
-        with self._call("chat"):
-            rows = [Row(i, c) for i, c in enumerate(batch)]
-            ctx = _exhaust(self._flow(CallContext(self.engine, "chat", rows, dict(generate_kwargs))))
+        check_one_answer_each(generate_kwargs, self.model)
+        defenses = self._defenses_for("chat")
+        rows = [Row(i, c) for i, c in enumerate(batch)]
+        ctx = _exhaust(self._flow(CallContext(self.engine, "chat", rows, dict(generate_kwargs)), defenses))
         results = [self._result(r, ctx) for r in rows]
         return results[0] if single else results
 
@@ -160,104 +229,131 @@ class GuardedModel:
             raise TypeError(f"stream() takes one conversation (a list of messages), got a list of {len(conversation)} "
                             "conversations; use chat([...]) for a batch, or one stream() per conversation")
         check_generate_kwargs(generate_kwargs)
-        return GuardedStream(self, conv_mod.validate(conversation), generate_kwargs)
+        check_one_answer_each(generate_kwargs, self.model)
+        return GuardedStream(self, conv_mod.validate(conversation), dict(generate_kwargs), self._defenses_for("stream"))
 
     def generate(self, **kwargs: Any) -> Any:
         """Drop-in for ``model.generate``: returns exactly what it returns.
 
         Only during-generation stages run here (there is no conversation to edit and no text to
-        rewrite); their per-row verdicts are in ``last_verdicts``.
+        rewrite); their per-row verdicts are recorded for :meth:`record`.
         """
         inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if inputs is None:
             raise ValueError("generate() needs input_ids (or inputs_embeds), as model.generate does")
         check_generate_kwargs(kwargs)
-        with self._call("generate"):
-            for d in self.active_defenses:
-                d.check_mode("generate")
-            rows = [Row(i, None, batch_index=i) for i in range(inputs.shape[0])]
-            ctx = CallContext(self.engine, "generate", rows, kwargs)
-            ctx.inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-            ctx.prompt_len = inputs.shape[1]
-            ctx.stop_flags = torch.zeros(len(rows), dtype=torch.bool)
-            with contextlib.ExitStack() as stack:
-                for d in self.active_defenses:
-                    stack.enter_context(d.during(ctx))
-                out = self.model.generate(**self._generate_kwargs(ctx, kwargs))
-            for d in self.active_defenses:
-                d.finish_during(ctx)
-            self.last_verdicts = [r.verdicts for r in rows]
-            return out
+        defenses = self._defenses_for("generate")
+        rows = [Row(i, None, batch_index=i) for i in range(inputs.shape[0])]
+        ctx = CallContext(self.engine, "generate", rows, {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
+        ctx.inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        ctx.prompt_len = inputs.shape[1]
+        return _exhaust(self._flow(ctx, defenses)).output
 
     # -- the one core flow -------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _call(self, mode: str) -> Iterator[None]:
+    def _defenses_for(self, mode: str) -> list[Defense]:
         if self._unwrapped:
             raise RuntimeError("this GuardedModel was unwrapped; call wrap(model, ...) again to guard it")
-        with self._lock:
-            if self._busy:
-                raise RuntimeError(
-                    f"{mode}() was called while another call on this GuardedModel is running in the same thread "
-                    "(e.g. inside a stream loop); finish or close the stream first"
-                )
-            self._busy = True
-            try:
-                if mode != "generate":
-                    for d in self.active_defenses:
-                        d.check_mode(mode)
-                yield
-            finally:
-                self._busy = False
-
-    def _generate_kwargs(self, ctx: CallContext, kwargs: dict[str, Any]) -> dict[str, Any]:
-        kw = dict(kwargs)
-        procs = LogitsProcessorList(kw.pop("logits_processor", None) or [])
-        procs.extend(ctx.logits_processors)
-        crit = StoppingCriteriaList(kw.pop("stopping_criteria", None) or [])
-        crit.extend(ctx.stopping_criteria)
-        crit.append(_StepStopper(ctx))  # last, so flags set by other criteria count in the same step
-        if procs:
-            kw["logits_processor"] = procs
-        kw["stopping_criteria"] = crit
-        return kw
-
-    def _flow(self, ctx: CallContext) -> Generator[int, None, CallContext]:
-        """before -> encode -> during + generate -> decode -> after. Yields token ids in stream mode."""
-        defenses, rows, mode = self.active_defenses, ctx.rows, ctx.mode
+        defenses = self.active_defenses
         for d in defenses:
-            d.run_before(ctx)
-        active = [r for r in rows if not r.refused]
-        if active:
+            d.check_mode(mode)
+        return defenses
+
+    def _flow(self, ctx: CallContext, defenses: list[Defense]) -> Generator[int, None, CallContext]:
+        """before -> encode -> during + generate -> decode -> after. Yields token ids in stream mode.
+
+        The model lock is taken per stage and never held across a yield.
+        """
+        rows, mode = ctx.rows, ctx.mode
+        active = rows
+        if mode != "generate":
+            with self._lock.hold():
+                for d in defenses:
+                    d.run_before(ctx)
+            active = [r for r in rows if not r.refused]
             for b, r in enumerate(active):
                 r.batch_index = b
-            ctx.inputs = self.engine.encode([r.conversation for r in active])
-            ctx.prompt_len = ctx.inputs["input_ids"].shape[1]
+            if active:
+                ctx.inputs = self.engine.encode([r.conversation for r in active])
+                ctx.prompt_len = ctx.inputs["input_ids"].shape[1]
+        if active:
             ctx.stop_flags = torch.zeros(len(active), dtype=torch.bool)
-            with contextlib.ExitStack() as stack:
-                for d in defenses:
-                    stack.enter_context(d.during(ctx))
-                kw = self._generate_kwargs(ctx, ctx.generate_kwargs)
-                kw.setdefault("pad_token_id", self.engine.pad_token_id)
-                t0 = time.perf_counter()
-                if mode == "stream":
-                    sequences = yield from _generate_in_thread(self.model, ctx, kw)
-                else:
-                    with torch.inference_mode():
-                        out = self.model.generate(**ctx.inputs, **kw)
-                    sequences = out if isinstance(out, torch.Tensor) else out.sequences
-                ctx.add_time("model.generate", (time.perf_counter() - t0) * 1e3)
-            stops = self.engine.stop_token_ids_for(ctx.generate_kwargs)
-            for r, ids in zip(active, self.engine.split_new_tokens(sequences, ctx.prompt_len, stops)):
-                r.token_ids = ids
-                if r.refused:  # refused while generating: keep the refusal, record what was generated
-                    r.original_text = self.engine.decode(ids)
-                else:
-                    r.text = self.engine.decode(ids)
+            if mode == "stream":
+                ctx.output = yield from self._generate_in_thread(ctx, defenses)
+            else:
+                ctx.output = self._generate(ctx, defenses)
+            if mode != "generate":
+                stops = self.engine.stop_token_ids_for(ctx.generate_kwargs)
+                for r, g in zip(active, self.engine.generations(ctx.output, ctx.prompt_len, stops)):
+                    r.token_ids = g.token_ids
+                    if r.refused:  # refused while generating: keep the refusal, record what was generated
+                        r.original_text = g.text
+                    else:
+                        r.text = g.text
             for d in defenses:
                 d.finish_during(ctx)
-        for d in defenses:
-            d.run_after(ctx)
+        if mode != "generate":
+            with self._lock.hold():
+                for d in defenses:
+                    d.run_after(ctx)
+        for owner, log in _RECORDERS.get():
+            if owner is self:
+                log.append(CallRecord(mode, [r.verdicts for r in rows], dict(ctx.timings)))
         return ctx
+
+    def _generate(self, ctx: CallContext, defenses: list[Defense], streamer: Any = None) -> Any:
+        """The answer's ``generate``, with every defense's during stage installed for exactly this call."""
+        with self._lock.hold(), call_scope(ctx), contextlib.ExitStack() as stack:
+            for d in defenses:
+                stack.enter_context(d.during(ctx))
+            kw = dict(ctx.generate_kwargs)
+            procs = LogitsProcessorList(kw.pop("logits_processor", None) or [])
+            procs.extend(ctx.logits_processors)
+            crit = StoppingCriteriaList(kw.pop("stopping_criteria", None) or [])
+            crit.extend(ctx.stopping_criteria)
+            crit.append(_StepStopper(ctx))  # last, so flags set by other criteria count in the same step
+            if procs:
+                kw["logits_processor"] = procs
+            kw["stopping_criteria"] = crit
+            if any(d.uses_generation_cache() for d in defenses):
+                ctx.calls.keep_cache(kw, stack)
+            t0 = time.perf_counter()
+            if ctx.mode == "generate":
+                out = self.model.generate(**ctx.inputs, **kw)  # a drop-in: exactly the caller's options
+            else:
+                out = self.engine.run_generate(ctx.inputs, kw, streamer)
+            ctx.add_time("model.generate", (time.perf_counter() - t0) * 1e3)
+        return out
+
+    def _generate_in_thread(self, ctx: CallContext, defenses: list[Defense]) -> Generator[int, None, Any]:
+        """Run the generation in a worker thread and yield its tokens; stop it if the consumer leaves.
+
+        The worker owns the model lock and the hooks, and gives both back when generation ends, so a
+        consumer that is slow, switches threads or never comes back holds nothing.
+        """
+        streamer = _QueueStreamer()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["out"] = self._generate(ctx, defenses, streamer)
+            except BaseException as e:  # re-raised in the consumer's thread
+                box["error"] = e
+            finally:
+                streamer.end()
+
+        # The worker runs in a copy of the caller's context: disabled()/record() and the call scope carry over.
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="guardrails-stream", daemon=True)
+        thread.start()
+        try:
+            while (tok := streamer.queue.get()) is not None:
+                yield tok
+        finally:
+            if thread.is_alive():
+                ctx.stop_all()  # the consumer stopped early: end generation now
+            thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["out"]
 
     def _result(self, row: Row, ctx: CallContext) -> GuardedResult:
         return GuardedResult(
@@ -270,22 +366,18 @@ class GuardedModel:
             conversation=row.conversation,
         )
 
-    def _releasable(self, ctx: CallContext, row: Row, n: int) -> int:
-        return min([d.releasable(ctx, row, n) for d in self.active_defenses], default=n)
 
-
-class _StepStopper(_RowStopper):
+class _StepStopper(StoppingCriteria):
     """Keeps ``ctx.step`` current and applies the per-row stop flags defenses set."""
 
     def __init__(self, ctx: CallContext):
-        super().__init__(ctx.stop_flags)
         self.ctx = ctx
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         self.ctx.step = input_ids.shape[1] - self.ctx.prompt_len
         flags = self.ctx.stop_flags
         if input_ids.shape[0] != flags.shape[0] and flags.shape[0] and input_ids.shape[0] % flags.shape[0] == 0:
-            # num_return_sequences / beams expand each row in place: a stopped row stops all of them.
+            # generate()'s num_return_sequences / beams expand each row in place: a stopped row stops all of them.
             flags = flags.repeat_interleave(input_ids.shape[0] // flags.shape[0])
         return flags.to(input_ids.device)
 
@@ -293,8 +385,8 @@ class _StepStopper(_RowStopper):
 class _QueueStreamer(BaseStreamer):
     """Hands each new token id to the consuming thread; the first put() is the prompt."""
 
-    def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
+    def __init__(self) -> None:
+        self.queue: queue.Queue[int | None] = queue.Queue()
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -307,49 +399,20 @@ class _QueueStreamer(BaseStreamer):
         self.queue.put(None)
 
 
-def _generate_in_thread(model: Any, ctx: CallContext, kw: dict[str, Any]) -> Generator[int, None, torch.Tensor]:
-    """Run generate in a worker thread and yield its tokens; stop it if the consumer leaves."""
-    streamer = _QueueStreamer()
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            with torch.inference_mode():
-                box["out"] = model.generate(**ctx.inputs, **kw, streamer=streamer)
-        except BaseException as e:  # re-raised in the consumer's thread
-            box["error"] = e
-            streamer.end()
-
-    thread = threading.Thread(target=work, name="guardrails-stream", daemon=True)
-    thread.start()
-    try:
-        while True:
-            tok = streamer.queue.get()
-            if tok is None:
-                break
-            yield tok
-    finally:
-        if thread.is_alive():
-            ctx.stop_all()  # the consumer stopped early: end generation before hooks are removed
-        thread.join()
-    if "error" in box:
-        raise box["error"]
-    out = box["out"]
-    return out if isinstance(out, torch.Tensor) else out.sequences
-
-
 class GuardedStream:
     """Iterate for text chunks; ``result`` holds the GuardedResult once the stream is exhausted.
 
     Text is released as soon as every defense allows it. When an after-stage defense replaced
     text that was already shown, the replacement follows after a blank line and
-    ``result.verdicts`` records it (``detail["stream"] == "replaced"``).
+    ``result.verdicts`` records it (``detail["stream"] == "replaced"``). Closing the iterator (or
+    dropping it) stops generation at once.
     """
 
-    def __init__(self, guarded: GuardedModel, conversation: Any, kwargs: dict[str, Any]):
+    def __init__(self, guarded: GuardedModel, conversation: Any, kwargs: dict[str, Any], defenses: list[Defense]):
         self._guarded = guarded
         self._conversation = conversation
         self._kwargs = kwargs
+        self._defenses = defenses
         self.result: GuardedResult | None = None
         self._started = False
 
@@ -359,31 +422,33 @@ class GuardedStream:
         self._started = True
         return self._run()
 
+    def _releasable(self, ctx: CallContext, row: Row, n: int) -> int:
+        return min([d.releasable(ctx, row, n) for d in self._defenses], default=n)
+
     def _run(self) -> Iterator[str]:
         g = self._guarded
         stops = g.engine.stop_token_ids_for(self._kwargs)
         row = Row(0, self._conversation)
-        ctx = CallContext(g.engine, "stream", [row], dict(self._kwargs))
+        ctx = CallContext(g.engine, "stream", [row], self._kwargs)
         shown = ""
-        with g._call("stream"):
-            flow = g._flow(ctx)
-            ids: list[int] = []
-            try:
-                while True:
-                    try:
-                        tok = next(flow)
-                    except StopIteration:
-                        break
-                    if tok in stops or row.stopped_at is not None:
-                        continue
-                    ids.append(tok)
-                    text = g.engine.decode(ids[: g._releasable(ctx, row, len(ids))])
-                    # A partial multi-byte character decodes to U+FFFD: wait for the rest of it.
-                    if len(text) > len(shown) and text.startswith(shown) and not text.endswith("\ufffd"):
-                        chunk, shown = text[len(shown):], text
-                        yield chunk
-            finally:
-                flow.close()  # consumer left early: stops generation and removes hooks
+        flow = g._flow(ctx, self._defenses)
+        ids: list[int] = []
+        try:
+            while True:
+                try:
+                    tok = next(flow)
+                except StopIteration:
+                    break
+                if tok in stops or row.stopped_at is not None:
+                    continue
+                ids.append(tok)
+                text = g.engine.decode(ids[: self._releasable(ctx, row, len(ids))])
+                # A partial multi-byte character decodes to U+FFFD: wait for the rest of it.
+                if len(text) > len(shown) and text.startswith(shown) and not text.endswith("\ufffd"):
+                    chunk, shown = text[len(shown):], text
+                    yield chunk
+        finally:
+            flow.close()  # consumer left early: stops generation and removes hooks
         final = row.text
         if final.startswith(shown):
             if len(final) > len(shown):

@@ -42,7 +42,7 @@ and at every forward pass inside the context:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,6 +275,16 @@ class _Steerer:
         return hook
 
 
+def _only_when(when: Callable[[], bool] | None, hook: Callable[..., Any]) -> Callable[..., Any]:
+    if when is None:
+        return hook
+
+    def scoped(*args: Any, **kwargs: Any) -> Any:
+        return hook(*args, **kwargs) if when() else None
+
+    return scoped
+
+
 def _vectors_of(vectors: Any) -> tuple[Mapping[int, torch.Tensor], Any]:
     if hasattr(vectors, "vectors") and hasattr(vectors, "manifest"):
         return vectors.vectors, vectors
@@ -292,6 +302,7 @@ def steer(
     layers: Sequence[int] | None = None,
     *,
     path: str | None = None,
+    when: Callable[[], bool] | None = None,
 ) -> Iterator[SteeringHandle]:
     """Add ``alpha * g * theta_l`` to the output of each steered decoder layer, for this block only.
 
@@ -299,6 +310,8 @@ def steer(
     ``layers``: which of the vectors' layers to steer (all by default). ``gate``: see the module
     docstring. Hooks are removed in ``finally``, also when the block raises. Open one context per
     ``generate`` call when the gate is a :class:`Gate` (it is decided once, at the first forward).
+    ``when``: the hooks act only on forwards where it returns True (e.g. only the thread or call that
+    opened the block; others sharing the model pass through unsteered).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"steer needs a torch nn.Module, got {type(model).__name__}")
@@ -338,12 +351,12 @@ def steer(
         hooked.add(gate.layer)  # type: ignore[union-attr]
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        handles.append(model.register_forward_pre_hook(state.pre_forward, with_kwargs=True, prepend=True))
+        handles.append(model.register_forward_pre_hook(_only_when(when, state.pre_forward), with_kwargs=True, prepend=True))
         for i in sorted(hooked):
             reads_gate = mode == "prefill-hook" and i == gate.layer  # type: ignore[union-attr]
             # prepend: run before transformers' own output-recording hooks, so returned hidden states show steering.
-            handles.append(info.layers[i].register_forward_hook(state.layer_hook(i, i in chosen, reads_gate),
-                                                                prepend=True))
+            handles.append(info.layers[i].register_forward_hook(
+                _only_when(when, state.layer_hook(i, i in chosen, reads_gate)), prepend=True))
         yield handle
     finally:
         for h in handles:

@@ -220,8 +220,11 @@ class DuringOnly(Defense):
 def test_generate_runs_during_stages_and_records_verdicts(tiny):
     t = tiny("gpt2")
     g = wrap(t.model, t.processor, defenses=[DuringOnly()])
-    g.generate(**t.encode(conversations(t, 2)), **GREEDY)
-    assert [[v.score for v in vs] for vs in g.last_verdicts] == [[0.0], [1.0]]
+    with g.record() as calls:
+        g.generate(**t.encode(conversations(t, 2)), **GREEDY)
+    assert [c.mode for c in calls] == ["generate"]
+    assert [[v.score for v in vs] for vs in calls[0].verdicts] == [[0.0], [1.0]]
+    assert not hasattr(g, "last_verdicts")  # no per-wrapper state: verdicts belong to the call
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import prompts
 from guardrails import wrap
 from guardrails.defenses import ECSO
-from guardrails.defenses._prefix_cache import PrefixReuse
+from guardrails.calls import ModelCalls
 from guardrails.testing import force_yes_no as forced, make_image
 
 GEN = {"max_new_tokens": 4, "do_sample": False}
@@ -96,13 +96,13 @@ def test_unsafe_image_row_answers_again_with_eyes_closed(tiny, arch):
 def test_step_prompts_and_image_dropped_from_the_conversation(tiny, monkeypatch):
     t = tiny("llava")
     seen: list[list] = []
-    real = PrefixReuse.generate
+    real = ModelCalls.generate
 
-    def spy(self, rows, convs, **kw):
+    def spy(self, convs, rows=None, **kw):
         seen.append(convs)
-        return real(self, rows, convs, **kw)
+        return real(self, convs, rows, **kw)
 
-    monkeypatch.setattr(PrefixReuse, "generate", spy)
+    monkeypatch.setattr(ModelCalls, "generate", spy)
     with forced(t.model, t.tokenizer, "yes"):
         r = wrap(t.model, t.processor, defenses=[ECSO(caption_tokens=3)]).chat(image_conv(t), **GEN)
     (cap_conv,), (ans_conv,) = seen

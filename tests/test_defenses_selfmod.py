@@ -180,8 +180,8 @@ def test_kv_cache_reuse_is_exact_and_saves_tokens(tiny, arch):
             assert "recomputed" not in kv, kv
     if arch not in REUSE_BLOCKED:
         assert reused > 0 and tokens[True] < tokens[False]
-    during = results[True][0].verdicts_of("SelfModeration")[0]
-    assert during.stage == "during" and "kept the generation's KV cache" in during.detail["kv_cache"]
+    (after,) = results[True][0].verdicts_of("SelfModeration")  # no during stage: the pipeline keeps the cache
+    assert after.stage == "after" and "kept the generation's KV cache" in after.detail["kv_cache"]["generation"]
 
 
 class Steer(Defense):
@@ -189,7 +189,7 @@ class Steer(Defense):
 
     def _during(self, ctx, stack):
         layer = ctx.engine.model.model.layers[0]
-        h = layer.register_forward_hook(lambda m, a, o: (o[0] + 0.5, *o[1:]) if isinstance(o, tuple) else o + 0.5)
+        h = layer.register_forward_hook(ctx.scoped(lambda m, a, o: (o[0] + 0.5, *o[1:]) if isinstance(o, tuple) else o + 0.5))
         stack.callback(h.remove)
 
 
@@ -234,11 +234,11 @@ def test_config_errors():
 
 
 def test_split_keeps_reuse_when_one_row_has_a_long_new_part():
-    from guardrails.defenses._prefix_cache import PrefixReuse
+    from guardrails.calls import ModelCalls
 
     # row 1's template moved its system text to the end: almost nothing of it is cached
-    assert PrefixReuse._split([[0] * 100, [0] * 100, [0] * 100], [90, 5, 88]) == [[0, 2], [1]]
-    assert PrefixReuse._split([[0] * 100, [0] * 100], [90, 88]) is None
+    assert ModelCalls._split([[0] * 100, [0] * 100, [0] * 100], [90, 5, 88]) == [[0, 2], [1]]
+    assert ModelCalls._split([[0] * 100, [0] * 100], [90, 88]) is None
 
 
 def test_spec_strings_build_configured_defenses(tmp_path):

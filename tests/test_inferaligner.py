@@ -113,15 +113,17 @@ def test_generate_path(llama, vectors):
     gate, fires = split_gate(llama, vectors, layer=0)
     guarded = wrap(llama.model, llama.processor, [InferAligner(vectors, gate, alpha=ALPHA)])
     inputs = dict(llama.encode(convs(PROMPTS)))
-    out = guarded.generate(**inputs, **GEN)
+    with guarded.record() as calls:
+        out = guarded.generate(**inputs, **GEN)
     with torch.no_grad():
         bare = llama.model.generate(**inputs, **GEN)
     n = inputs["input_ids"].shape[1]
     for i, fired in enumerate(fires.tolist()):
         same = torch.equal(out[i, n:], bare[i, n:])
         assert same is not fired
-    assert [v[0].flagged for v in guarded.last_verdicts] == fires.tolist()
-    assert all(v[0].stage == "during" for v in guarded.last_verdicts)
+    (call,) = calls
+    assert [v[0].flagged for v in call.verdicts] == fires.tolist()
+    assert all(v[0].stage == "during" for v in call.verdicts)
 
 
 def test_verdict_fields(llama, vectors):

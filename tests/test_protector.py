@@ -47,7 +47,7 @@ class FixedDetox(Detoxifier):
         super().__init__()
         self.text, self.seen = text, []
 
-    def rewrite(self, engine, queries, answers, generate_kwargs):
+    def rewrite(self, calls, queries, answers):
         self.seen.append((list(queries), list(answers)))
         return [self.text] * len(answers)
 
@@ -103,14 +103,15 @@ def test_self_detoxifier_prompt_has_question_and_answer(setup):
     t, bare, marker, _ = setup
     g = wrap(t.model, t.processor, [Protector(MarkerDetector(marker), mode="post")])
     seen = []
-    real = g.engine.generate
+    real = g.engine.run_generate
 
-    def spy(conversations, **kw):
-        seen.append((g.engine.render(conversations), kw))
-        return real(conversations, **kw)
+    def spy(inputs, kw, streamer=None):
+        seen.append((g.engine.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=False), kw))
+        return real(inputs, kw, streamer)
 
-    g.engine.generate = spy  # instance attribute: only this GuardedModel's engine is spied on
+    g.engine.run_generate = spy  # instance attribute: only this GuardedModel's engine is spied on
     r0, r1 = g.chat(convs(t, 2), **GREEDY)
+    seen = seen[1:]  # the first generation is the answer itself
     assert len(seen) == 1 and len(seen[0][0]) == 1  # one batched rewrite, flagged row only
     rendered, kw = seen[0][0][0], seen[0][1]
     expected = prompts.render("mllm_protector_detoxify", query=QUERIES[0], response=bare[0].text)

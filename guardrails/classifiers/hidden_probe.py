@@ -36,6 +36,7 @@ import torch
 
 from steering._files import naming, save_tensors, write_json
 
+from guardrails.calls import ModelCalls, scoped_hook
 from guardrails.classifiers.embedding import LinearHead, check_n_features, read_probe_dir, sha256_file
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 
@@ -274,9 +275,9 @@ class HiddenStateProbe(HarmClassifier):
         engine = engine or self.engine
         if engine is None:
             raise RuntimeError("teacher forcing needs the model's processor or tokenizer: probe.bind(model, processor)")
-        if engine.model is not self.model:
+        if ModelCalls.of(engine).model is not self.model:
             raise ValueError("the engine given belongs to another model than the one this probe is bound to")
-        return engine
+        return ModelCalls.of(engine)
 
     @property
     def layer_module(self) -> torch.nn.Module:
@@ -291,15 +292,16 @@ class HiddenStateProbe(HarmClassifier):
 
     # -- features ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def capture(self, batch: int, stop_ids: Sequence[int]) -> Iterator[HiddenCapture]:
-        """A :class:`HiddenCapture` whose hook is installed for the block and removed after it."""
+    def capture(self, batch: int, stop_ids: Sequence[int], scope: Any = None) -> Iterator[HiddenCapture]:
+        """A :class:`HiddenCapture` whose hook is installed for the block and removed after it; with
+        ``scope`` (a call context) it records only that call's forwards."""
         if self.model is None:
             raise RuntimeError("bind the probe to the model first: probe.bind(model, processor)")
         from steering.layers import layer_device
 
         layer = self._info[self.layer_index]
         cap = HiddenCapture(batch, self._info.hidden_size, layer_device(layer), stop_ids, self.layer_desc)
-        handle = layer.register_forward_hook(cap.hook)
+        handle = layer.register_forward_hook(cap.hook if scope is None else scoped_hook(scope, cap.hook))
         try:
             yield cap
         finally:
@@ -326,14 +328,14 @@ class HiddenStateProbe(HarmClassifier):
             return torch.zeros(0, self._info.hidden_size), torch.zeros(0, dtype=torch.long)
         return torch.cat(feats), torch.cat(counts)
 
-    def _pooled_batch(self, engine: Any, convs: list[Any], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = engine.encode(convs)
+    def _pooled_batch(self, calls: ModelCalls, convs: list[Any], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = calls.engine.encode(convs)
         ids, am = enc["input_ids"], enc["attention_mask"]
         for k, v in enc.items():
             if k not in ("input_ids", *_PER_TOKEN) and isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == ids.shape:
                 raise NotImplementedError(f"the processor returned a per-token input {k!r} that teacher forcing does not know "
                                           "how to extend over the response; report it with the model class")
-        pad = getattr(engine.tokenizer, "pad_token_id", None)
+        pad = getattr(calls.engine.tokenizer, "pad_token_id", None)
         pad = 0 if pad is None else int(pad)
         rows, starts = [], []
         for b in range(ids.shape[0]):
@@ -362,9 +364,9 @@ class HiddenStateProbe(HarmClassifier):
             box["h"] = _hidden_of(output).detach()
 
         layer = self._info[self.layer_index]
-        handle = layer.register_forward_hook(hook)
+        handle = layer.register_forward_hook(calls.scoped(hook))
         try:
-            with torch.inference_mode():
+            with calls.using():
                 self.model(input_ids=new_ids, attention_mask=new_am, **extra, **inputs, use_cache=False)
         finally:
             handle.remove()
@@ -390,7 +392,7 @@ class HiddenStateProbe(HarmClassifier):
         """
         engine = self._require_bound(engine)
         convs = [_conversation(q, i) for i, q in enumerate(queries)]
-        ids = self._response_ids(engine, responses, response_ids, len(convs))
+        ids = self._response_ids(engine.engine, responses, response_ids, len(convs))
         return self.pooled(convs, ids, engine=engine)[0].cpu().numpy()
 
     @staticmethod
@@ -466,7 +468,7 @@ class HiddenStateProbe(HarmClassifier):
     def score_conversations(self, conversations: Sequence[Any], responses: Sequence[str], *, engine: Any = None) -> list[HarmScore]:
         """Teacher-forced scores of ``responses`` as answers to full ``conversations`` (images included)."""
         engine = self._require_bound(engine)
-        ids = self._response_ids(engine, responses, None, len(conversations))
+        ids = self._response_ids(engine.engine, responses, None, len(conversations))
         return self.score_pooled(*self.pooled(list(conversations), ids, engine=engine))
 
     def _predict(self, texts: list[str], queries: list[str | None] | None) -> list[HarmScore]:

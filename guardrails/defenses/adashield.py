@@ -44,7 +44,7 @@ from guardrails import conversation as conv_mod
 from guardrails.conversation import Conversation
 from guardrails.defense import CallContext, Defense, Row
 from guardrails.defenses._placement import PLACEMENTS, place
-from guardrails.defenses._prefix_cache import model_forward
+from guardrails.calls import ModelCalls
 from guardrails.results import Verdict
 
 POOLINGS = ("last", "mean")
@@ -159,7 +159,7 @@ class AdaShield(Defense):
         return cls(pool=pool, **options)
 
     # -- embeddings ----------------------------------------------------------------------------
-    def _embed(self, engine: Any, convs: Sequence[Conversation]) -> np.ndarray:
+    def _embed(self, calls: ModelCalls | None, convs: Sequence[Conversation]) -> np.ndarray:
         """One L2-normalised embedding per single-turn conversation (the turn's text and images)."""
         cfg = self.config
         if callable(cfg.embedder):
@@ -169,13 +169,13 @@ class AdaShield(Defense):
             if emb.ndim != 2 or emb.shape[0] != len(convs):
                 raise ValueError(f"the embedder returned shape {emb.shape} for {len(convs)} inputs; it must return [N, D]")
         else:
-            if engine is None:
+            if calls is None:
                 raise ValueError("embedder='hidden' needs the wrapped model; pass model=guarded")
             rows = []
             # Small batches bound the memory of output_hidden_states (all layers, all positions).
             for k in range(0, len(convs), 8):
-                inputs = engine.encode(list(convs[k:k + 8]))
-                out = model_forward(engine.model, inputs, last_only=True, output_hidden_states=True)
+                inputs = calls.engine.encode(list(convs[k:k + 8]))
+                out = calls.forward(inputs, last_only=True, output_hidden_states=True)
                 hs = out.hidden_states
                 layer = cfg.layer if cfg.layer is not None else (len(hs) - 1) // 2
                 if not -len(hs) <= layer < len(hs):
@@ -198,22 +198,24 @@ class AdaShield(Defense):
         """What is embedded: the last user turn alone (text and images, in place)."""
         return [conv_mod.copy_conversation([conversation[conv_mod.last_user_index(conversation)]])[0]]
 
-    def _keys(self, engine: Any) -> tuple[np.ndarray, list[int]]:
+    def _keys(self, calls: ModelCalls | None) -> tuple[np.ndarray, list[int]]:
         """Key embeddings (cached per model) and the pool entry of each key."""
-        if not callable(self.config.embedder) and engine is None:
+        if not callable(self.config.embedder) and calls is None:
             raise ValueError("embedder='hidden' needs the wrapped model; pass model=guarded")
-        owner = ("callable", id(self.config.embedder)) if callable(self.config.embedder) else ("hidden", id(engine.model))
+        owner = ("callable", id(self.config.embedder)) if callable(self.config.embedder) else ("hidden", id(calls.model))
         owner_of = [k for k, e in enumerate(self.entries) for _ in e.keys]
         if owner not in self._key_cache:
             convs = [[{"role": "user", "content": [{"type": "text", "text": key}]}] for e in self.entries for key in e.keys]
-            self._key_cache[owner] = self._embed(engine, convs)
+            self._key_cache[owner] = self._embed(calls, convs)
         return self._key_cache[owner], owner_of
 
-    def similarities(self, engine: Any, conversations: Sequence[Conversation]) -> tuple[np.ndarray, np.ndarray]:
-        """(best cosine similarity, index of its pool entry) per conversation."""
+    def similarities(self, model: Any, conversations: Sequence[Conversation]) -> tuple[np.ndarray, np.ndarray]:
+        """(best cosine similarity, index of its pool entry) per conversation; ``model``: the GuardedModel
+        (or a call's ``ctx.calls``), None for a callable embedder."""
+        calls = ModelCalls.of(model)
         conversations = [conv_mod.validate(c, k) for k, c in enumerate(conversations)]
-        keys, owner_of = self._keys(engine)
-        emb = self._embed(engine, [self._single_turn(c) for c in conversations])
+        keys, owner_of = self._keys(calls)
+        emb = self._embed(calls, [self._single_turn(c) for c in conversations])
         sims = np.clip(emb @ keys.T, -1.0, 1.0)  # rounding can leave |cos| a hair above 1
         best = sims.argmax(axis=1)
         return sims[np.arange(len(conversations)), best], np.asarray(owner_of)[best]
@@ -231,10 +233,9 @@ class AdaShield(Defense):
         if isinstance(target_fpr, bool) or not isinstance(target_fpr, (int, float)) or not 0.0 <= target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr!r}")
         batch, _ = conv_mod.validate_batch(benign_conversations)
-        engine = getattr(model, "engine", None)
-        if model is not None and engine is None:
+        if model is not None and not hasattr(model, "engine"):
             raise TypeError(f"model must be the GuardedModel from wrap(...), got {type(model).__name__}")
-        sims, _ = self.similarities(engine, batch)
+        sims, _ = self.similarities(model, batch)
         threshold = float(np.quantile(sims, 1.0 - target_fpr, method="higher"))
         observed = float(np.mean(sims > threshold))
         if len(batch) < math.ceil(1.0 / max(target_fpr, 1e-12)):
@@ -268,7 +269,7 @@ class AdaShield(Defense):
                 f"{self.name} has a pool but no threshold: pass AdaShield(pool, threshold=...) or call "
                 "shield.calibrate(benign_conversations, target_fpr=0.05, model=guarded) first"
             )
-        sims, best = self.similarities(ctx.engine, [r.conversation for r in rows])
+        sims, best = self.similarities(ctx.calls, [r.conversation for r in rows])
         out = []
         for row, sim, k in zip(rows, sims.tolist(), best.tolist()):
             entry = self.entries[k]

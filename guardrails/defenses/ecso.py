@@ -29,7 +29,6 @@ from typing import Any, ClassVar
 import prompts
 from guardrails import conversation as conv_mod
 from guardrails.defense import CallContext, Defense, Row
-from guardrails.defenses._prefix_cache import KeepsGenerationCache, PrefixReuse
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
 from guardrails.results import Verdict
 
@@ -62,7 +61,7 @@ class ECSOConfig:
             raise ValueError(f"no_image must be one of {NO_IMAGE}, got {self.no_image!r}")
 
 
-class ECSO(KeepsGenerationCache, Defense):
+class ECSO(Defense):
     """Self-check each answer; when unsafe, caption the image and answer again without it.
 
     >>> guarded = wrap(model, processor, defenses=[ECSO(threshold=0.5, caption_tokens=128)])
@@ -83,15 +82,12 @@ class ECSO(KeepsGenerationCache, Defense):
         self.config = ECSOConfig(threshold, caption_tokens, answer_tokens, no_image, max_response_chars,
                                  reuse_cache, yes_tokens, no_tokens)
 
-    def _gen_kwargs(self, ctx: CallContext, max_new_tokens: int | None) -> dict[str, Any]:
-        kw = dict(ctx.generate_kwargs)
-        if max_new_tokens is not None:
-            kw["max_new_tokens"] = max_new_tokens
-        return kw
+    def uses_generation_cache(self) -> bool:
+        return self.config.reuse_cache
 
     def _after(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
         cfg = self.config
-        reuse = PrefixReuse(ctx, enabled=cfg.reuse_cache, disabled_reason="reuse_cache=False")
+        reuse = ctx.calls.session(reuse=cfg.reuse_cache)
         has_image = [bool(conv_mod.image_parts(r.conversation)) for r in rows]
         details: list[dict[str, Any]] = [
             {"image": img, "steps": {"answer": {"ms": ctx.timings.get("model.generate")}}} for img in has_image
@@ -109,7 +105,7 @@ class ECSO(KeepsGenerationCache, Defense):
                 check = prompts.render("ecso_harm_check", query=conv_mod.last_user_text(r.conversation), response=answer)
                 convs.append(conv_mod.with_user_text(r.conversation, check))
             t0 = time.perf_counter()
-            p, mass = yn.p_yes(reuse.last_logits([rows[i] for i in checked], convs))
+            p, mass = yn.p_yes(reuse.next_token_logits(convs, [rows[i] for i in checked]))
             ms = (time.perf_counter() - t0) * 1e3
             for i, pi, mi in zip(checked, p.tolist(), mass.tolist()):
                 p_unsafe[i] = pi
@@ -125,7 +121,7 @@ class ECSO(KeepsGenerationCache, Defense):
             convs = [conv_mod.with_user_text(rows[i].conversation, prompts.render("ecso_query_aware_caption", query=queries[i]))
                      for i in unsafe_img]
             t0 = time.perf_counter()
-            caps = reuse.generate([rows[i] for i in unsafe_img], convs, **self._gen_kwargs(ctx, cfg.caption_tokens))
+            caps = reuse.generate(convs, [rows[i] for i in unsafe_img], max_new_tokens=cfg.caption_tokens)
             ms = (time.perf_counter() - t0) * 1e3
             for i, g in zip(unsafe_img, caps):
                 details[i]["steps"]["caption"] = {"text": g.text, "ms": ms}
@@ -134,7 +130,7 @@ class ECSO(KeepsGenerationCache, Defense):
                                              prompts.render("ecso_caption_answer", caption=g.text, query=queries[i]))
                      for i, g in zip(unsafe_img, caps)]
             t0 = time.perf_counter()
-            answers = reuse.generate([rows[i] for i in unsafe_img], convs, **self._gen_kwargs(ctx, cfg.answer_tokens))
+            answers = reuse.generate(convs, [rows[i] for i in unsafe_img], max_new_tokens=cfg.answer_tokens)
             ms = (time.perf_counter() - t0) * 1e3
             for i, g in zip(unsafe_img, answers):
                 details[i]["steps"]["answer_without_image"] = {"text": g.text, "ms": ms}

@@ -312,7 +312,7 @@ class InferAligner(Defense):
         # defense in errors that steering's forward-time checks raise from inside generate.
         stack.push(self._name_errors)
         handle = stack.enter_context(steer(model, self.vectors, alpha=self.config.alpha, gate=self.gate,
-                                           layers=self.config.layers, path=self.config.path))
+                                           layers=self.config.layers, path=self.config.path, when=ctx.is_active))
         ctx.state[self.name] = {"handle": handle}
 
     def _name_errors(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:

@@ -30,6 +30,7 @@ import prompts
 from guardrails import conversation as conv_mod
 from guardrails.classifiers.base import HarmClassifier
 from guardrails.defense import CallContext, Defense, Row
+from guardrails.calls import ModelCalls
 from guardrails.results import Verdict, check_threshold
 
 Mode = Literal["classify", "reveal", "gate"]
@@ -168,7 +169,8 @@ class OCRScreen(Defense):
         return (text if len(text) >= self.min_chars else ""), info
 
     def score(self, ocr_texts: list[str], user_texts: list[str], engine: Any = None) -> list[tuple[float, bool]]:
-        """(score, flagged) per row, batched; rows without image text score None upstream."""
+        """(score, flagged) per row, batched; rows without image text score None upstream.
+        ``engine``: the GuardedModel (or a call's ``ctx.calls``), needed for mode 'gate'."""
         joined = [screen_text(o, u) if self.with_user_text else o for o, u in zip(ocr_texts, user_texts)]
         if self.mode == "classify":
             scores = self.classifier.scores(joined)
@@ -176,9 +178,13 @@ class OCRScreen(Defense):
         # gate: the text as a typed user turn, scored by the model's own direction at the gate layer
         from steering.hooks import compute_gate
 
+        calls = ModelCalls.of(engine)
+        if calls is None:
+            raise ValueError(f"{self.name} mode='gate' scores with the wrapped model; pass the GuardedModel")
         convs = [[{"role": "user", "content": [{"type": "text", "text": t}]}] for t in joined]
-        inputs = engine.encode(convs)
-        scores, g = compute_gate(engine.model, self.gate, inputs)
+        inputs = calls.engine.encode(convs)
+        with calls.using():
+            scores, g = compute_gate(calls.model, self.gate, inputs)
         return [(float(s), bool(x > 0)) for s, x in zip(scores.tolist(), g.tolist())]
 
     def screen(self, images: list[Any], user_text: str = "", engine: Any = None) -> ScreenResult:
@@ -222,7 +228,7 @@ class OCRScreen(Defense):
         """Score rows whose images hold text (one batch); refuse the flagged ones when ``refuse``."""
         idx = [i for i, (text, _) in enumerate(reads) if text]
         queries = [conv_mod.last_user_text(rows[i].conversation) for i in idx]
-        scored = dict(zip(idx, self.score([reads[i][0] for i in idx], queries, ctx.engine))) if idx else {}
+        scored = dict(zip(idx, self.score([reads[i][0] for i in idx], queries, ctx.calls))) if idx else {}
         out = []
         for i, (r, (text, info)) in enumerate(zip(rows, reads)):
             score, flagged = scored.get(i, (None, False))

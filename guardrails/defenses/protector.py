@@ -14,7 +14,7 @@ arXiv 2401.02906; pipilurj/MLLM-protector), after the answer or while it streams
 
 Detoxifier (their "correction model"): a causal LM rewrites the flagged answer given the question
 and the answer (prompt ``mllm_protector_detoxify``, their with-question variant); by default the
-wrapped model itself (``ctx.engine.generate``), batched over flagged rows only. The rewrite is
+wrapped model itself (``ctx.calls.generate``), batched over flagged rows only. The rewrite is
 screened again by the same detector; still unsafe -> the refusal text. ``detoxifier="refuse"``
 answers flagged rows with the refusal text directly.
 
@@ -37,6 +37,7 @@ from transformers import StoppingCriteria
 
 import prompts
 from guardrails import conversation as conv_mod
+from guardrails.calls import ModelCalls
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.classifiers.hidden_probe import HiddenStateProbe
 from guardrails.defense import CallContext, Defense, Row
@@ -46,8 +47,6 @@ __all__ = ["Protector", "ProtectorConfig", "Detoxifier", "MODES", "DETOX_PROMPT"
 
 MODES = ("post", "stream")
 DETOX_PROMPT = "mllm_protector_detoxify"
-# Objects bound to the main call's batch (or its clock/streamer): never passed to the rewrite generation.
-_CALL_BOUND = ("streamer", "stopping_criteria", "logits_processor")
 # Generation settings that make sense for a separate model (token ids of the wrapped model's tokenizer do not).
 _PORTABLE = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
              "num_beams", "repetition_penalty", "no_repeat_ngram_size", "length_penalty")
@@ -135,45 +134,25 @@ class Detoxifier:
         """The detoxifier prompt of each row (question and original answer filled in)."""
         return [prompts.render(self.prompt, query=q, response=a) for q, a in zip(queries, answers)]
 
-    def rewrite(self, engine: Any, queries: list[str], answers: list[str], generate_kwargs: dict[str, Any]) -> list[str]:
-        """One batched generation over the given rows; ``engine`` is the wrapped model's (used when kind == 'self')."""
+    def rewrite(self, calls: ModelCalls, queries: list[str], answers: list[str]) -> list[str]:
+        """One batched generation over the given rows; ``calls`` is the call's (the wrapped model: kind 'self')."""
         if not answers:
             return []
         texts = self.render(queries, answers)
         if self.model is None:
-            kw = {k: v for k, v in generate_kwargs.items() if k not in _CALL_BOUND}
-            eng = engine
+            target, kw = calls, {}  # the wrapped model inherits the call's options
         else:
-            kw = {k: v for k, v in generate_kwargs.items() if k in _PORTABLE}
-            eng = self._engine
-        if self.max_new_tokens is not None:
-            kw["max_new_tokens"] = self.max_new_tokens
-            if kw.get("min_new_tokens", 0) > self.max_new_tokens:
-                kw["min_new_tokens"] = self.max_new_tokens  # the call's minimum cannot exceed the rewrite's limit
-        tok = eng.tokenizer
-        kw.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        has_template = bool(getattr(eng.processor, "chat_template", None) or getattr(tok, "chat_template", None))
+            call_kw = calls.ctx.generate_kwargs if calls.ctx is not None else {}
+            target, kw = ModelCalls(self._engine), {k: v for k, v in call_kw.items() if k in _PORTABLE}
+        kw["max_new_tokens"] = self.max_new_tokens  # None keeps the call's limit
+        eng = target.engine
+        has_template = bool(getattr(eng.processor, "chat_template", None) or getattr(eng.tokenizer, "chat_template", None))
         if self.chat_template is True and not has_template:
             raise ValueError("chat_template=True but the detoxifier's tokenizer has no chat template")
         if self.chat_template is not False and has_template:
             convs = [conv_mod.validate([{"role": "user", "content": t}]) for t in texts]
-            return [g.text for g in eng.generate(convs, **kw)]
-        return self._raw(eng, texts, kw)
-
-    @staticmethod
-    def _raw(eng: Any, texts: list[str], kw: dict[str, Any]) -> list[str]:
-        tok = eng.tokenizer
-        old = tok.padding_side
-        tok.padding_side = "left"  # batched generation continues every row from its last token
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = old
-        enc = {k: v.to(eng.model.device) for k, v in enc.items()}
-        with torch.inference_mode():
-            out = eng.model.generate(**enc, **kw)
-        seqs = out if isinstance(out, torch.Tensor) else out.sequences
-        return [eng.decode(ids) for ids in eng.split_new_tokens(seqs, enc["input_ids"].shape[1])]
+            return [g.text for g in target.generate(convs, **kw)]
+        return [g.text for g in target.generate_texts(texts, **kw)]
 
 
 @dataclass
@@ -294,7 +273,7 @@ class Protector(Defense):
         if self.probe is not None:
             if self.probe.model is not ctx.engine.model:
                 raise ValueError(f"{self.name}: the HiddenStateProbe is bound to another model than the wrapped one")
-            st.capture = stack.enter_context(self.probe.capture(n, ctx.engine.stop_token_ids))
+            st.capture = stack.enter_context(self.probe.capture(n, ctx.engine.stop_token_ids, scope=ctx))
         if self.config.mode == "stream" or self.probe is not None:
             ctx.stopping_criteria.append(_Criterion(self, ctx, st))
 
@@ -384,14 +363,14 @@ class Protector(Defense):
                 how[i] = ("teacher-forced: an earlier defense changed the answer" if r.original_text is not None else
                           f"teacher-forced: the hook saw {int(counts[b])} answer positions for {len(r.token_ids)} tokens")
         if redo:
-            got = self.probe.score_conversations([rows[i].conversation for i in redo], [rows[i].text for i in redo], engine=ctx.engine)
+            got = self.probe.score_conversations([rows[i].conversation for i in redo], [rows[i].text for i in redo], engine=ctx.calls)
             for i, s in zip(redo, got):
                 out[i] = s
         return out, how  # type: ignore[return-value]
 
     def _rescreen(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str]) -> list[HarmScore]:
         if self.probe is not None:
-            return self.probe.score_conversations([r.conversation for r in rows], texts, engine=ctx.engine)
+            return self.probe.score_conversations([r.conversation for r in rows], texts, engine=ctx.calls)
         return self.detector.predict(texts, [st.queries[r.batch_index] for r in rows])
 
     def _after(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
@@ -470,7 +449,7 @@ class Protector(Defense):
         d: Detoxifier = self.detoxifier  # type: ignore[assignment]
         queries = [st.queries[r.batch_index] for r in rows]
         t0 = time.perf_counter()
-        texts = d.rewrite(ctx.engine, queries, [r.text for r in rows], ctx.generate_kwargs)
+        texts = d.rewrite(ctx.calls, queries, [r.text for r in rows])
         rewrite_ms = (time.perf_counter() - t0) * 1e3
         if len(texts) != len(rows):
             raise RuntimeError(f"the detoxifier returned {len(texts)} rewrites for {len(rows)} answers")

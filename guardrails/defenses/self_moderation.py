@@ -16,7 +16,7 @@ Per row, after generation:
 
 Only flagged rows are judged again and revised, as one batch; rows never share a prompt, so one
 row's revision cannot change another's. Judge forwards and revisions reuse the answer
-generation's KV cache (see ``_prefix_cache``): round 1 computes only the new tokens; later rounds
+generation's KV cache (see ``guardrails.calls``): round 1 computes only the new tokens; later rounds
 also recompute the revised answer. Where reuse is impossible (Qwen2-VL, Gemma 3, another
 defense's steering hooks, ...) the verdict's ``detail["kv_cache"]["recomputed"]`` says why.
 
@@ -34,7 +34,7 @@ import prompts
 from guardrails import conversation as conv_mod
 from guardrails.classifiers.base import HarmClassifier
 from guardrails.defense import CallContext, Defense, Row
-from guardrails.defenses._prefix_cache import KeepsGenerationCache, PrefixReuse
+from guardrails.calls import ModelCalls
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
 from guardrails.results import Verdict
 
@@ -79,7 +79,7 @@ class SelfModerationConfig:
             raise ValueError(f"max_new_tokens must be a positive int or None (None: the call's own), got {self.max_new_tokens!r}")
 
 
-class SelfModeration(KeepsGenerationCache, Defense):
+class SelfModeration(Defense):
     """Judge -> revise -> judge, at most ``rounds`` revisions per row.
 
     >>> guarded = wrap(model, processor, defenses=[SelfModeration(rounds=2)])
@@ -113,13 +113,16 @@ class SelfModeration(KeepsGenerationCache, Defense):
         self.config = SelfModerationConfig(rounds, threshold, on_fail, max_new_tokens, reuse_cache, yes_tokens, no_tokens,
                                            judge_prompt, revise_prompt)
 
+    def uses_generation_cache(self) -> bool:
+        return self.config.reuse_cache
+
     # -- after ---------------------------------------------------------------------------------
     @staticmethod
     def _render(template: prompts.PromptTemplate, query: str, response: str) -> str:
         values = {"query": query, "response": response}
         return template.render(**{f: values[f] for f in template.fields})
 
-    def _judge(self, ctx: CallContext, reuse: PrefixReuse, yn: YesNoTokens | None, rows: list[Row],
+    def _judge(self, ctx: CallContext, reuse: ModelCalls, yn: YesNoTokens | None, rows: list[Row],
                queries: list[str], answers: list[str]) -> tuple[list[float], list[float | None]]:
         """P(unsafe) per row, and the yes+no probability mass (None for a classifier judge)."""
         if self.judge is not None:
@@ -129,25 +132,22 @@ class SelfModeration(KeepsGenerationCache, Defense):
             conv_mod.append_turns(r.conversation, ("assistant", a), ("user", self._render(self.config.judge_prompt, q, a)))
             for r, q, a in zip(rows, queries, answers)
         ]
-        p, mass = yn.p_yes(reuse.last_logits(rows, convs))
+        p, mass = yn.p_yes(reuse.next_token_logits(convs, rows))
         return [float(x) for x in p], [float(x) for x in mass]
 
-    def _revise(self, ctx: CallContext, reuse: PrefixReuse, rows: list[Row], queries: list[str], answers: list[str]) -> list[str]:
+    def _revise(self, ctx: CallContext, reuse: ModelCalls, rows: list[Row], queries: list[str], answers: list[str]) -> list[str]:
         convs = [
             conv_mod.append_turns(r.conversation, ("assistant", a), ("user", self._render(self.config.revise_prompt, q, a)))
             for r, q, a in zip(rows, queries, answers)
         ]
-        kw = dict(ctx.generate_kwargs)
-        if self.config.max_new_tokens is not None:
-            kw["max_new_tokens"] = self.config.max_new_tokens
-        return [g.text for g in reuse.generate(rows, convs, **kw)]
+        return [g.text for g in reuse.generate(convs, rows, max_new_tokens=self.config.max_new_tokens)]
 
     def _after(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
         cfg = self.config
         yn = None
         if self.judge is None:
             yn = YesNoTokens.for_tokenizer(ctx.engine.tokenizer, cfg.yes_tokens, cfg.no_tokens)
-        reuse = PrefixReuse(ctx, enabled=cfg.reuse_cache, disabled_reason="reuse_cache=False")
+        reuse = ctx.calls.session(reuse=cfg.reuse_cache)
         n = len(rows)
         queries = [conv_mod.last_user_text(r.conversation) for r in rows]
         answers = [r.text for r in rows]
