@@ -93,9 +93,11 @@ class GuardedModel:
             if seen[d.name] > 1:
                 d.name = f"{d.name}#{seen[d.name]}"
             d.check_model(model, self.engine.multimodal)
-            if d.needs_hidden_states:
+            if d.requirements().needs_hidden_states:
                 self.decoder_layers()  # fails early, naming the model class, when layers cannot be found
             self.defenses.append(d)
+        for d in self.defenses:  # only once every check passed: a failed wrap() binds nothing
+            d.bind(model, self.engine)
         self._disabled = False
         self._unwrapped = False
         self._lock = threading.RLock()
