@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from guardrails.engine import Engine
 
 MODES = ("chat", "stream", "generate")
+#: class attributes read by Defense.requirements()
+_CAPABILITIES = frozenset({"needs_hidden_states", "modalities", "supports_streaming"})
 
 
 @dataclass
@@ -192,8 +194,13 @@ class Defense:
         """This defense's capabilities: the one hook for them. The default reads the class
         attributes and runs every stage the class overrides; a defense whose needs depend on its
         arguments overrides this (``dataclasses.replace(super().requirements(), ...)``)."""
+        shadowed = sorted(_CAPABILITIES & vars(self).keys())
+        if shadowed:  # an instance attribute would be a second, undocumented way to declare them
+            raise TypeError(f"{self.name} sets {', '.join(shadowed)} on the instance; capabilities are class "
+                            "attributes, or override requirements() when they depend on the arguments")
         stages = tuple(s for s, m in (("before", "_before"), ("during", "_during"), ("after", "_after")) if self._overrides(m))
-        return Requirements(self.needs_hidden_states, frozenset(self.modalities), self.supports_streaming, stages)
+        cls = type(self)
+        return Requirements(cls.needs_hidden_states, frozenset(cls.modalities), cls.supports_streaming, stages)
 
     @property
     def stages(self) -> tuple[Stage, ...]:

@@ -94,6 +94,19 @@ def test_default_requirements_read_the_class_and_the_overridden_stages():
     assert After().stages == ("after",)
 
 
+def test_a_capability_set_on_the_instance_is_refused_at_wrap(llama):
+    class Shadows(Defense):
+        def __init__(self):
+            super().__init__()
+            self.supports_streaming = False
+
+        def _after(self, ctx, rows):
+            return None
+
+    with pytest.raises(TypeError, match="supports_streaming on the instance.*override requirements"):
+        wrap(llama.model, llama.processor, defenses=[Shadows()])
+
+
 class _NoLayers(torch.nn.Module):
     config = None
 
