@@ -25,6 +25,8 @@ _EXPORTS = {
     "Defense": "guardrails.defense",
     "CallContext": "guardrails.defense",
     "Row": "guardrails.defense",
+    "Refusal": "guardrails.defense",
+    "Requirements": "guardrails.defense",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

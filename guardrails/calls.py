@@ -15,7 +15,7 @@ Three things live here, and nowhere else:
 
 Prefix reuse: self-moderation and ECSO send the model prompts that start like the one it just
 answered (the conversation, often followed by the answer). When a defense declares it
-(``Defense.uses_generation_cache``), the pipeline hands the answer's ``generate`` a ``DynamicCache``
+(``Requirements.reuses_generation_cache``), the pipeline hands the answer's ``generate`` a ``DynamicCache``
 of our own; :class:`ModelCalls` then lays each row's longest common token prefix out in the
 left-padded layout of a new batch, so a judge forward or a revision only computes the new tokens.
 Exactness rests on causal attention, mask-derived positions and comparing token ids (not strings).

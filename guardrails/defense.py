@@ -10,6 +10,19 @@ A defense has up to three stages, always run in this order for every call:
 Subclasses override the protected ``_before`` / ``_during`` / ``_after`` methods. The public
 ``run_*`` methods are final: they time the stage, pass only live rows, and record one
 :class:`Verdict` per row, so no defense can forget to.
+
+The contract every defense keeps:
+
+- Capabilities (hidden states, modalities, streaming, stages) are read only through
+  :meth:`Defense.requirements`. Its default reads the class-level ``ClassVar`` s and the overridden
+  stage methods; a defense whose needs depend on its arguments overrides that one hook and never
+  assigns capability attributes on the instance.
+- A row's answer changes only through :class:`Row` methods (``refuse``, ``rewrite``, ``truncate``),
+  which keep the model's own answer in ``original_text``. ``_before`` and ``_after`` may call them;
+  ``_during_verdicts`` only reports: to refuse a row for something found during generation it
+  returns a :class:`Refusal`, and the base class applies ``row.refuse``.
+- ``check_model`` only checks and changes nothing; ``bind`` is the one step that attaches a defense
+  to the wrapped model, called by ``wrap()`` once every defense's checks have passed.
 """
 
 from __future__ import annotations
@@ -31,6 +44,8 @@ if TYPE_CHECKING:
     from guardrails.engine import Engine
 
 MODES = ("chat", "stream", "generate")
+#: class attributes read by Defense.requirements()
+_CAPABILITIES = frozenset({"needs_hidden_states", "modalities", "supports_streaming"})
 
 
 @dataclass
@@ -62,6 +77,40 @@ class Row:
         if self.original_text is None:
             self.original_text = self.text
         self.text = text
+
+    def truncate(self, n_tokens: int, text: str) -> None:
+        """Keep the first ``n_tokens`` generated tokens, ``text`` being their decoding; the whole
+        answer stays in ``original_text``."""
+        if not 0 <= n_tokens <= len(self.token_ids):
+            raise ValueError(f"row {self.index}: cannot keep {n_tokens} of {len(self.token_ids)} tokens")
+        self.rewrite(text)
+        self.token_ids = self.token_ids[:n_tokens]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What a verdict hook returns to refuse a row: the base class records ``verdict`` and calls
+    ``row.refuse(text, by=defense name)``, so hooks never mutate rows themselves."""
+
+    verdict: Verdict
+    text: str
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a defense needs from the model and the call; see :meth:`Defense.requirements`."""
+
+    #: reads or edits decoder-layer activations (``wrap()`` checks the layers can be found)
+    needs_hidden_states: bool
+    #: model kinds it works with: "text" for text-only models, "image" for VLMs
+    modalities: frozenset[str]
+    #: False when its after stage must see the whole answer (``stream`` holds text back)
+    supports_streaming: bool
+    #: the stages that run, in order; a subset of the ones the class overrides
+    stages: tuple[Stage, ...]
+    #: after-stage model calls with the call's rows (``ctx.calls``) reuse the answer's KV cache,
+    #: so the pipeline keeps it; never changes what the answer's ``generate`` computes
+    reuses_generation_cache: bool = False
 
 
 class CallContext:
@@ -126,12 +175,16 @@ class CallContext:
 class Defense:
     """Base class of every defense. Override any of ``_before``, ``_during``, ``_after``.
 
-    Capabilities, read by ``wrap()`` before anything runs:
+    Capabilities, declared as class attributes and read (by ``wrap()`` and every stage) only
+    through :meth:`requirements`:
 
     - ``needs_hidden_states``: reads or edits decoder-layer activations (needs layer discovery);
     - ``modalities``: model kinds it works with, {"text"} for text-only models, {"image"} for VLMs;
     - ``supports_streaming``: False when its after stage must see the whole answer; ``stream``
       then holds the text back until the defense has run, and the verdict says so.
+
+    Lifecycle at ``wrap()``: ``check_model`` for every defense (raises, changes nothing), then
+    ``bind`` for every defense.
     """
 
     needs_hidden_states: ClassVar[bool] = False
@@ -144,17 +197,25 @@ class Defense:
     def __init__(self, name: str | None = None):
         self.name = name or type(self).__name__
 
-    def uses_generation_cache(self) -> bool:
-        """True when after-stage model calls (``ctx.calls`` with rows) should reuse the answer's KV cache."""
-        return False
-
     # -- which stages exist ------------------------------------------------------------------
     def _overrides(self, method: str) -> bool:
         return getattr(type(self), method) is not getattr(Defense, method)
 
+    def requirements(self) -> Requirements:
+        """This defense's capabilities: the one hook for them. The default reads the class
+        attributes and runs every stage the class overrides; a defense whose needs depend on its
+        arguments overrides this (``dataclasses.replace(super().requirements(), ...)``)."""
+        shadowed = sorted(_CAPABILITIES & vars(self).keys())
+        if shadowed:  # an instance attribute would be a second, undocumented way to declare them
+            raise TypeError(f"{self.name} sets {', '.join(shadowed)} on the instance; capabilities are class "
+                            "attributes, or override requirements() when they depend on the arguments")
+        stages = tuple(s for s, m in (("before", "_before"), ("during", "_during"), ("after", "_after")) if self._overrides(m))
+        cls = type(self)
+        return Requirements(cls.needs_hidden_states, frozenset(cls.modalities), cls.supports_streaming, stages)
+
     @property
     def stages(self) -> tuple[Stage, ...]:
-        return tuple(s for s, m in (("before", "_before"), ("during", "_during"), ("after", "_after")) if self._overrides(m))
+        return self.requirements().stages
 
     def check_mode(self, mode: str) -> None:
         """Raise when this defense cannot run in ``mode`` (generate() has no conversation)."""
@@ -165,11 +226,19 @@ class Defense:
             )
 
     def check_model(self, model: Any, multimodal: bool) -> None:
-        """Raise when the model cannot meet this defense's needs; subclasses may add checks."""
+        """Raise when the model cannot meet this defense's needs; subclasses may add checks.
+
+        Only checks: ``wrap()`` may still fail on a later defense, so nothing is changed here."""
         kind = "image" if multimodal else "text"
-        if kind not in self.modalities:
-            what = "an image-text-to-text model" if "image" in self.modalities else "a text model"
+        modalities = self.requirements().modalities
+        if kind not in modalities:
+            what = "an image-text-to-text model" if "image" in modalities else "a text model"
             raise ValueError(f"{self.name} needs {what}; {type(model).__name__} is {'multimodal' if multimodal else 'text-only'}")
+
+    def bind(self, model: Any, engine: Engine) -> None:
+        """Attach to the wrapped model (e.g. a probe reading its layers); default: nothing.
+
+        Called once per ``wrap()``, after every defense's ``check_model`` has passed."""
 
     # -- protected stages: override these ----------------------------------------------------
     def _before(self, ctx: CallContext, rows: list[Row]) -> Sequence[Verdict | None] | None:
@@ -180,8 +249,10 @@ class Defense:
         """Install hooks / logits processors / stopping criteria, registering their removal on ``stack``."""
         raise NotImplementedError
 
-    def _during_verdicts(self, ctx: CallContext, rows: list[Row]) -> Sequence[Verdict | None] | None:
-        """Verdicts for what happened during generation (e.g. a gate decision); None = pass."""
+    def _during_verdicts(self, ctx: CallContext, rows: list[Row]) -> Sequence[Verdict | Refusal | None] | None:
+        """Verdicts for what happened during generation (e.g. a gate decision); None = pass.
+
+        Must not change rows: return a :class:`Refusal` to have the base class refuse one."""
         return None
 
     def _after(self, ctx: CallContext, rows: list[Row]) -> Sequence[Verdict | None] | None:
@@ -218,14 +289,19 @@ class Defense:
             self._run(ctx, "after", self._after, [r for r in ctx.rows if not r.refused])
 
     def releasable(self, ctx: CallContext, row: Row, n_tokens: int) -> int:
-        if "after" in self.stages and not self.supports_streaming:
+        req = self.requirements()
+        if "after" in req.stages and not req.supports_streaming:
             return 0
         return max(0, min(n_tokens, self._releasable(ctx, row, n_tokens)))
 
     def _run(self, ctx: CallContext, stage: Stage, fn: Any, rows: list[Row]) -> None:
         t0 = time.perf_counter()
+        before = [_answer_of(r) for r in rows] if stage == "during" else None
         got = fn(ctx, rows) if rows else None
         ms = (time.perf_counter() - t0) * 1e3
+        if before is not None and before != [_answer_of(r) for r in rows]:
+            raise RuntimeError(f"{self.name}._during_verdicts changed a row's answer; return a Refusal instead")
+        streaming = self.requirements().supports_streaming
         ctx.add_time(f"{self.name}.{stage}", ms)
         got = [None] * len(rows) if got is None else list(got)
         if len(got) != len(rows):
@@ -233,13 +309,21 @@ class Defense:
         live = {id(r) for r in rows}
         for row, v in zip(rows, got):
             v = v if v is not None else Verdict()
+            if isinstance(v, Refusal):
+                row.refuse(v.text, by=self.name)
+                v = v.verdict
             if not isinstance(v, Verdict):
-                raise TypeError(f"{self.name}.{stage} returned {type(v).__name__}; return a Verdict or None")
+                raise TypeError(f"{self.name}.{stage} returned {type(v).__name__}; return a Verdict, a Refusal or None")
             v.defense, v.stage, v.latency_ms = self.name, stage, ms
-            if stage == "after" and ctx.mode == "stream" and not self.supports_streaming:
+            if stage == "after" and ctx.mode == "stream" and not streaming:
                 v.detail.setdefault("stream", "held back until this defense had seen the whole answer")
             row.verdicts.append(v)
         # Rows this stage did not see (refused earlier) still get a verdict saying why.
         for row in ctx.rows:
             if id(row) not in live:
                 row.verdicts.append(Verdict(defense=self.name, stage=stage, detail={"skipped": f"refused by {row.refused_by}"}))
+
+
+def _answer_of(row: Row) -> tuple[Any, ...]:
+    """What Row methods may change: compared around hooks that must only report."""
+    return row.text, row.refused, row.refused_by, row.original_text, len(row.token_ids)

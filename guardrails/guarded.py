@@ -142,9 +142,11 @@ class GuardedModel:
             if seen[d.name] > 1:
                 d.name = f"{d.name}#{seen[d.name]}"
             d.check_model(model, self.engine.multimodal)
-            if d.needs_hidden_states:
+            if d.requirements().needs_hidden_states:
                 self.decoder_layers()  # fails early, naming the model class, when layers cannot be found
             self.defenses.append(d)
+        for d in self.defenses:  # only once every check passed: a failed wrap() binds nothing
+            d.bind(model, self.engine)
         self._unwrapped = False
         #: shared by every wrapper around this model object: calls on it are serialised
         self._lock = model_lock(model)
@@ -314,7 +316,7 @@ class GuardedModel:
             if procs:
                 kw["logits_processor"] = procs
             kw["stopping_criteria"] = crit
-            if any(d.uses_generation_cache() for d in defenses):
+            if any(d.requirements().reuses_generation_cache for d in defenses):
                 ctx.calls.keep_cache(kw, stack)
             t0 = time.perf_counter()
             if ctx.mode == "generate":

@@ -237,6 +237,22 @@ class HiddenStateProbe(HarmClassifier):
         Raises ValueError when the model's hidden size or decoder layer count differs from the
         model the probe was fitted on; warns when only the recorded model name differs.
         """
+        info, index, mismatch = self._match(model)
+        if mismatch:
+            warnings.warn(mismatch, stacklevel=2)
+        self.model, self._info, self.layer_index = model, info, index
+        if processor is not None:
+            from guardrails.engine import Engine
+
+            self.engine = Engine(model, processor)
+        return self
+
+    def check(self, model: Any) -> None:
+        """Raise as :meth:`bind` would for ``model``, without binding (a wrap-time check)."""
+        self._match(model)
+
+    def _match(self, model: Any) -> tuple[Any, int, str | None]:
+        """(layer info, layer index, name-mismatch warning) for ``model``; raises when it does not fit."""
         from steering.layers import find_decoder_layers
 
         if not isinstance(model, torch.nn.Module):
@@ -244,6 +260,7 @@ class HiddenStateProbe(HarmClassifier):
         info = find_decoder_layers(model, self.config.layers_path)
         sig = _Signature.of(model, info)
         want = self.signature
+        mismatch = None
         if want is not None:
             if sig.hidden_size != want.hidden_size or sig.num_layers != want.num_layers:
                 raise ValueError(
@@ -252,8 +269,8 @@ class HiddenStateProbe(HarmClassifier):
                     f"{sig.num_layers} layers; fit a probe on this model (HiddenStateProbe(model, processor, layer=...).fit(...))"
                 )
             if want.name and sig.name and want.name != sig.name:
-                warnings.warn(f"HiddenStateProbe was fitted on {want.name!r} and is now bound to {sig.name!r} "
-                              "(same shapes); its scores mean nothing unless the weights are the same", stacklevel=2)
+                mismatch = (f"HiddenStateProbe was fitted on {want.name!r} and is now bound to {sig.name!r} "
+                            "(same shapes); its scores mean nothing unless the weights are the same")
         layer = self.config.layer
         if not -info.num_layers <= layer < info.num_layers:
             raise ValueError(f"layer={layer} is out of range: {sig.model_class} has {info.num_layers} decoder layers "
@@ -261,17 +278,12 @@ class HiddenStateProbe(HarmClassifier):
         index = layer % info.num_layers
         if want is not None and self.metadata.get("layer") is not None and index != self.metadata["layer"]:
             raise ValueError(f"layer {index} differs from the layer the head was fitted on ({self.metadata['layer']})")
-        self.model, self._info, self.layer_index = model, info, index
-        if processor is not None:
-            from guardrails.engine import Engine
-
-            self.engine = Engine(model, processor)
-        return self
+        return info, index, mismatch
 
     def _require_bound(self, engine: Any = None) -> Any:
         if self.model is None:
             raise RuntimeError("this HiddenStateProbe is not bound to a model: call probe.bind(model, processor) "
-                               "(Protector does it when wrap() is called)")
+                               "(Protector.bind does it when wrap() is called)")
         engine = engine or self.engine
         if engine is None:
             raise RuntimeError("teacher forcing needs the model's processor or tokenizer: probe.bind(model, processor)")

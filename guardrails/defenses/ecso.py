@@ -22,13 +22,14 @@ Streaming: ``supports_streaming = False`` (the check needs the whole answer; ``s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import prompts
 from guardrails import conversation as conv_mod
-from guardrails.defense import CallContext, Defense, Row
+from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
 from guardrails.results import Verdict
 
@@ -82,8 +83,8 @@ class ECSO(Defense):
         self.config = ECSOConfig(threshold, caption_tokens, answer_tokens, no_image, max_response_chars,
                                  reuse_cache, yes_tokens, no_tokens)
 
-    def uses_generation_cache(self) -> bool:
-        return self.config.reuse_cache
+    def requirements(self) -> Requirements:
+        return dataclasses.replace(super().requirements(), reuses_generation_cache=self.config.reuse_cache)
 
     def _after(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
         cfg = self.config

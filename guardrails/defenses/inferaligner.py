@@ -248,15 +248,20 @@ class InferAligner(Defense):
             raise ValueError(f"{self.name} does not fit {type(model).__name__}: " + "; ".join(errors)
                              + ". Cross-model guidance needs vectors from a model of the same architecture and size; "
                                "extract them again (python -m steering extract) or calibrate a gate on this model")
-        self._notes, self._template_checked = [], set()  # a new wrap: notes and template checks start over
-        if m.model_class and m.model_class != type(model).__name__:
-            self._notes.append(f"vectors from {m.model_class}, applied to {type(model).__name__}")
-        if m.layer_path and m.layer_path != info.path:
-            self._notes.append(f"vectors read at {m.layer_path}, applied at {info.path}")
         try:
             check_steerable(model, [info.layers[i] for i in self.config.layers])
         except RuntimeError as e:
             raise RuntimeError(f"{self.name}: {e}") from None
+
+    def bind(self, model: Any, engine: Any) -> None:
+        """A new wrap: notes and template checks start over."""
+        info = find_decoder_layers(model, self.config.path)  # check_model found them
+        m = self.vectors.manifest
+        self._notes, self._template_checked = [], set()
+        if m.model_class and m.model_class != type(model).__name__:
+            self._notes.append(f"vectors from {m.model_class}, applied to {type(model).__name__}")
+        if m.layer_path and m.layer_path != info.path:
+            self._notes.append(f"vectors read at {m.layer_path}, applied at {info.path}")
 
     def _check_template(self, ctx: CallContext) -> None:
         """Compare the chat-template hashes once per processor (check_model does not see the processor)."""

@@ -18,6 +18,7 @@ its screen has passed, so benign inputs pay almost nothing and harmful text is n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from transformers import StoppingCriteria
 import prompts
 from guardrails import conversation as conv_mod
 from guardrails.classifiers.base import HarmClassifier
-from guardrails.defense import CallContext, Defense, Row
+from guardrails.defense import CallContext, Defense, Refusal, Requirements, Row
 from guardrails.calls import ModelCalls
 from guardrails.results import Verdict, check_threshold
 
@@ -114,8 +115,6 @@ class OCRScreen(Defense):
         self._engine_spec = engine
         self._ocr = None if isinstance(engine, str) else engine
         self._classifier = classifier
-        # The gate reads the wrapped model's activations, so wrap() must find its decoder layers.
-        self.needs_hidden_states = mode == "gate"
 
     @classmethod
     def from_spec(cls, mode: Mode = "classify", threshold: float = 0.5, engine: str = "auto", overlap: bool = False,
@@ -197,6 +196,13 @@ class OCRScreen(Defense):
         score, flagged = self.score([ocr_text], [user_text], engine)[0] if judged else (None, False)
         return ScreenResult(flagged, score, ocr_text, (time.perf_counter() - t0) * 1e3, info.get("ocr_ms", 0.0), info)
 
+    def requirements(self) -> Requirements:
+        base = super().requirements()
+        # The gate reads the wrapped model's activations, so wrap() must find its decoder layers;
+        # the during stage exists only to run OCR beside generation.
+        return dataclasses.replace(base, needs_hidden_states=self.mode == "gate",
+                                   stages=base.stages if self.overlap else ("before",))
+
     def _verdict(self, score: float | None, flagged: bool, ocr_text: str, info: dict[str, Any], action: str) -> Verdict:
         threshold = self.threshold if self.mode == "classify" else (self.gate.threshold if self.mode == "gate" else None)
         return Verdict(flagged=flagged, score=score, threshold=threshold, action=action,
@@ -219,22 +225,16 @@ class OCRScreen(Defense):
             return out
         return self._decide(ctx, rows, reads, action="refuse")
 
-    @property
-    def stages(self) -> tuple[str, ...]:
-        # The during stage exists only to run OCR beside generation.
-        return ("before", "during") if self.overlap else ("before",)
-
-    def _decide(self, ctx: CallContext, rows: list[Row], reads: list[tuple[str, dict]], action: str, refuse: bool = True) -> list[Verdict]:
-        """Score rows whose images hold text (one batch); refuse the flagged ones when ``refuse``."""
+    def _decide(self, ctx: CallContext, rows: list[Row], reads: list[tuple[str, dict]], action: str, refuse: bool = True) -> list[Verdict | Refusal]:
+        """Score rows whose images hold text (one batch); a :class:`Refusal` for the flagged ones when ``refuse``."""
         idx = [i for i, (text, _) in enumerate(reads) if text]
         queries = [conv_mod.last_user_text(rows[i].conversation) for i in idx]
         scored = dict(zip(idx, self.score([reads[i][0] for i in idx], queries, ctx.calls))) if idx else {}
         out = []
         for i, (r, (text, info)) in enumerate(zip(rows, reads)):
             score, flagged = scored.get(i, (None, False))
-            if flagged and refuse:
-                r.refuse(self.refusal_text, by=self.name)
-            out.append(self._verdict(score, flagged, text, info, action if flagged else "pass"))
+            v = self._verdict(score, flagged, text, info, action if flagged else "pass")
+            out.append(Refusal(v, self.refusal_text) if flagged and refuse else v)
         return out
 
     def _during(self, ctx: CallContext, stack: contextlib.ExitStack) -> None:
@@ -242,15 +242,15 @@ class OCRScreen(Defense):
         stack.callback(state["pool"].shutdown, wait=False)
         ctx.stopping_criteria.append(_StopWhenFlagged(self, ctx, state))
 
-    def _during_verdicts(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
+    def _during_verdicts(self, ctx: CallContext, rows: list[Row]) -> list[Verdict | Refusal]:
         state = ctx.state[self.name]
         self._settle(ctx, state, rows)  # waits for reads that outlasted generation
-        out = []
+        out: list[Verdict | Refusal] = []
         for r in rows:
             v = state["done"][r.index]
             if v.flagged:
-                r.refuse(self.refusal_text, by=self.name)
                 v.detail["stopped_at_token"] = r.stopped_at
+                v = Refusal(v, self.refusal_text)  # the base class refuses the row
             out.append(v)
         return out
 
@@ -260,7 +260,7 @@ class OCRScreen(Defense):
         if rows:
             reads = [state["futures"][r.index].result() for r in rows]
             for r, v in zip(rows, self._decide(ctx, rows, reads, action="stop", refuse=False)):
-                state["done"][r.index] = v
+                state["done"][r.index] = v  # a Verdict: refuse=False
 
     def _releasable(self, ctx: CallContext, row: Row, n_tokens: int) -> int:
         state = ctx.state.get(self.name)

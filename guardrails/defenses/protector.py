@@ -27,10 +27,11 @@ verdict says which rows were stopped and where.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from transformers import StoppingCriteria
@@ -40,7 +41,7 @@ from guardrails import conversation as conv_mod
 from guardrails.calls import ModelCalls
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.classifiers.hidden_probe import HiddenStateProbe
-from guardrails.defense import CallContext, Defense, Row
+from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.results import Verdict, check_threshold
 
 __all__ = ["Protector", "ProtectorConfig", "Detoxifier", "MODES", "DETOX_PROMPT"]
@@ -171,16 +172,113 @@ class _CallState:
     n_checks: int = 0
 
 
+class _Scorer(Protocol):
+    """How Protector scores answers: the text detector on decoded text, or the probe on activations."""
+
+    #: True when it must see every generate step (not only every ``every`` tokens)
+    every_step: bool
+
+    def start(self, ctx: CallContext, stack: contextlib.ExitStack, st: _CallState) -> dict[str, Any] | None:
+        """Set up one call (hooks removed by ``stack``); returns what the post-mode during verdict records."""
+
+    def step(self, st: _CallState, input_ids: torch.Tensor) -> None:
+        """Called after every generate step, before any check."""
+
+    def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor) -> tuple[list[int], list[HarmScore]]:
+        """Score the partial answers of batch rows ``cand`` still answering: (rows scored, their scores)."""
+
+    def score(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str], own: bool) -> tuple[list[HarmScore], list[str]]:
+        """Score complete answers ``texts`` of ``rows``; ``own``: they are the rows' generated answers.
+        Returns the scores and, per row, what they were computed from."""
+
+
+class _TextScorer:
+    """``detector.predict(answers, queries)`` on the decoded answer."""
+
+    every_step = False
+
+    def __init__(self, detector: HarmClassifier):
+        self.detector = detector
+
+    def start(self, ctx: CallContext, stack: contextlib.ExitStack, st: _CallState) -> dict[str, Any] | None:
+        return None
+
+    def step(self, st: _CallState, input_ids: torch.Tensor) -> None:
+        pass
+
+    def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor) -> tuple[list[int], list[HarmScore]]:
+        stops = ctx.engine.stop_token_ids
+        new = input_ids[cand, ctx.prompt_len:].tolist() if cand else []
+        keep = [(b, ids) for b, ids in zip(cand, new) if not stops.intersection(ids)]  # finished rows: tail checked after
+        cand = [b for b, _ in keep]
+        texts = [ctx.engine.decode(ids) for _, ids in keep]
+        return cand, (self.detector.predict(texts, [st.queries[b] for b in cand]) if cand else [])
+
+    def score(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str], own: bool) -> tuple[list[HarmScore], list[str]]:
+        return self.detector.predict(texts, [st.queries[r.batch_index] for r in rows]), ["text"] * len(rows)
+
+
+class _ProbeScorer:
+    """A HiddenStateProbe reading the generation's own activations (a forward hook at its layer)."""
+
+    every_step = True  # the capture pools every answer position
+
+    def __init__(self, probe: HiddenStateProbe, owner: Defense):
+        self.probe, self.owner = probe, owner  # the owner's name may change at wrap() ("Protector#2")
+
+    def start(self, ctx: CallContext, stack: contextlib.ExitStack, st: _CallState) -> dict[str, Any] | None:
+        if self.probe.model is not ctx.engine.model:
+            raise ValueError(f"{self.owner.name}: the HiddenStateProbe is bound to another model than the wrapped one")
+        st.capture = stack.enter_context(self.probe.capture(len(st.rows), ctx.engine.stop_token_ids, scope=ctx))
+        return {"capture": f"{self.probe.layer_desc} ({self.probe.config.pooling} pooling)"}
+
+    def step(self, st: _CallState, input_ids: torch.Tensor) -> None:
+        if bool(st.fired_mask.any()):
+            st.capture.stop(st.fired_mask)  # rows a check stopped add no more positions to their pool
+        st.capture.observe(input_ids)
+
+    def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor) -> tuple[list[int], list[HarmScore]]:
+        alive = st.capture.alive.cpu().tolist()
+        cand = [b for b in cand if alive[b]]
+        if not cand:
+            return [], []
+        feats, counts = st.capture.pooled(self.probe.config.pooling)
+        idx = torch.tensor(cand, device=feats.device)
+        return cand, self.probe.score_pooled(feats[idx], counts[idx])
+
+    def score(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str], own: bool) -> tuple[list[HarmScore], list[str]]:
+        """Reuses the generation's activations where they match the answer; teacher-forces the rest."""
+        if not own:
+            return self.probe.score_conversations([r.conversation for r in rows], texts, engine=ctx.calls), ["teacher-forced"] * len(rows)
+        feats, counts = st.capture.pooled(self.probe.config.pooling)
+        out: list[HarmScore | None] = [None] * len(rows)
+        how = [""] * len(rows)
+        redo = []
+        for i, r in enumerate(rows):
+            b = r.batch_index
+            if r.original_text is None and int(counts[b]) == len(r.token_ids):
+                out[i] = self.probe.score_pooled(feats[b:b + 1], counts[b:b + 1])[0]
+                how[i] = "generation activations (no extra forward)"
+            else:
+                redo.append(i)
+                how[i] = ("teacher-forced: an earlier defense changed the answer" if r.original_text is not None else
+                          f"teacher-forced: the hook saw {int(counts[b])} answer positions for {len(r.token_ids)} tokens")
+        if redo:
+            got = self.probe.score_conversations([rows[i].conversation for i in redo], [texts[i] for i in redo], engine=ctx.calls)
+            for i, s in zip(redo, got):
+                out[i] = s
+        return out, how  # type: ignore[return-value]
+
+
 class _Criterion(StoppingCriteria):
-    """Per-step: feed the probe's capture; every ``every`` tokens: score running rows, stop those that fire."""
+    """Per-step: feed the scorer; every ``every`` tokens: score running rows, stop those that fire."""
 
     def __init__(self, protector: Protector, ctx: CallContext, st: _CallState):
         self.protector, self.ctx, self.st = protector, ctx, st
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         st = self.st
-        if st.capture is not None:
-            st.capture.observe(input_ids)
+        self.protector._scorer.step(st, input_ids)
         n = input_ids.shape[1] - self.ctx.prompt_len
         if self.protector.config.mode == "stream" and n > 0 and n % self.protector.config.every == 0:
             self.protector._check(self.ctx, st, input_ids, n)
@@ -225,8 +323,7 @@ class Protector(Defense):
         self.detector = detector
         self.detoxifier: Detoxifier | str = detoxifier
         self.probe: HiddenStateProbe | None = detector if isinstance(detector, HiddenStateProbe) else None
-        # Instance-level capability: wrap() then checks that the decoder layers can be found.
-        self.needs_hidden_states = self.probe is not None
+        self._scorer: _Scorer = _TextScorer(detector) if self.probe is None else _ProbeScorer(self.probe, self)
 
     @classmethod
     def from_spec(cls, detector: str = "default", mode: str = "post", every: int = 16, threshold: float = 0.5,
@@ -243,18 +340,27 @@ class Protector(Defense):
             detox = Detoxifier.from_pretrained(str(detoxifier), max_new_tokens=options.get("max_new_tokens"))
         return cls(det, detox, threshold=threshold, mode=mode, every=every, refusal_text=refusal_text, **options)
 
-    # -- wrap-time checks ------------------------------------------------------------------------
+    # -- wrap time -------------------------------------------------------------------------------
+    def requirements(self) -> Requirements:
+        # A HiddenStateProbe reads the wrapped model's activations: wrap() must find its decoder layers.
+        return dataclasses.replace(super().requirements(), needs_hidden_states=self.probe is not None)
+
     def check_model(self, model: Any, multimodal: bool) -> None:
-        """Bind a HiddenStateProbe to the wrapped model (hidden size and layer count must match)."""
+        """A HiddenStateProbe must fit the wrapped model (hidden size and layer count) or be bound to it."""
         super().check_model(model, multimodal)
         if self.probe is None:
             return
         if self.probe.model is None:
-            self.probe.bind(model)
+            self.probe.check(model)
         elif self.probe.model is not model:
             raise ValueError(f"{self.name}: the HiddenStateProbe is bound to another model object than the one being "
                              "wrapped; it reads the wrapped model's own activations. Load it unbound "
                              "(HiddenStateProbe.load(dir)) or bind it: probe.bind(model, processor)")
+
+    def bind(self, model: Any, engine: Any) -> None:
+        """Bind an unbound HiddenStateProbe to the wrapped model."""
+        if self.probe is not None and self.probe.model is None:
+            self.probe.bind(model)
 
     # -- during: the per-row stopping criterion (and the probe's hook) ---------------------------
     def _during(self, ctx: CallContext, stack: contextlib.ExitStack) -> None:
@@ -270,33 +376,15 @@ class Protector(Defense):
                 raise ValueError(f"{self.name}: stream mode stops single rows, which transformers only does when an "
                                  "eos_token_id is set (finished rows are then padded); pass eos_token_id=... to the call "
                                  "or set model.generation_config.eos_token_id")
-        if self.probe is not None:
-            if self.probe.model is not ctx.engine.model:
-                raise ValueError(f"{self.name}: the HiddenStateProbe is bound to another model than the wrapped one")
-            st.capture = stack.enter_context(self.probe.capture(n, ctx.engine.stop_token_ids, scope=ctx))
-        if self.config.mode == "stream" or self.probe is not None:
+        ctx.state[self.name]["note"] = self._scorer.start(ctx, stack, st)
+        if self.config.mode == "stream" or self._scorer.every_step:
             ctx.stopping_criteria.append(_Criterion(self, ctx, st))
 
     def _check(self, ctx: CallContext, st: _CallState, input_ids: torch.Tensor, n: int) -> None:
         """Score every row still answering at ``n`` tokens (one batched call); stop the rows that fire."""
         t0 = time.perf_counter()
         cand = [b for b in range(len(st.rows)) if st.fired_at[b] is None and not bool(ctx.stop_flags[b])]
-        if st.capture is not None:
-            alive = st.capture.alive.cpu().tolist()
-            cand = [b for b in cand if alive[b]]
-            if cand:
-                feats, counts = st.capture.pooled(self.probe.config.pooling)
-                idx = torch.tensor(cand, device=feats.device)
-                scores = self.probe.score_pooled(feats[idx], counts[idx])
-            else:
-                scores = []
-        else:
-            stops = ctx.engine.stop_token_ids
-            new = input_ids[cand, ctx.prompt_len:].tolist() if cand else []
-            keep = [(b, ids) for b, ids in zip(cand, new) if not stops.intersection(ids)]  # finished rows: tail checked after
-            cand = [b for b, _ in keep]
-            texts = [ctx.engine.decode(ids) for _, ids in keep]
-            scores = self.detector.predict(texts, [st.queries[b] for b in cand]) if cand else []
+        cand, scores = self._scorer.partial(ctx, st, cand, input_ids)
         thr = self.config.threshold
         for b, s in zip(cand, scores):
             st.checks[b].append({"tokens": n, "score": float(s.score)})
@@ -304,8 +392,6 @@ class Protector(Defense):
                 st.fired_at[b], st.fired[b] = n, s
                 st.fired_mask[b] = True
                 ctx.stop_row(st.rows[b], at=n)
-                if st.capture is not None:
-                    st.capture.stop(st.fired_mask)
             else:
                 st.checked[b] = n  # read by stream(): these tokens may now be shown
         ms = (time.perf_counter() - t0) * 1e3
@@ -324,10 +410,8 @@ class Protector(Defense):
     def _during_verdicts(self, ctx: CallContext, rows: list[Row]) -> list[Verdict | None] | None:
         st: _CallState = ctx.state[self.name]["call"]
         if self.config.mode != "stream":
-            if st.capture is None:
-                return None
-            return [Verdict(stage="during", detail={"capture": f"{self.probe.layer_desc} ({self.probe.config.pooling} pooling)"})
-                    for _ in rows]
+            note = ctx.state[self.name]["note"]
+            return None if note is None else [Verdict(stage="during", detail=dict(note)) for _ in rows]
         out: list[Verdict | None] = []
         for row in rows:
             b = row.batch_index
@@ -343,36 +427,6 @@ class Protector(Defense):
         return out
 
     # -- after: final scores, detoxify, re-screen ------------------------------------------------
-    def _final_scores(self, ctx: CallContext, st: _CallState, rows: list[Row]) -> tuple[list[HarmScore], list[str]]:
-        """Scores of complete answers; the probe reuses the generation's activations where they match."""
-        if not rows:
-            return [], []
-        if self.probe is None:
-            return self.detector.predict([r.text for r in rows], [st.queries[r.batch_index] for r in rows]), ["text"] * len(rows)
-        feats, counts = st.capture.pooled(self.probe.config.pooling)
-        out: list[HarmScore | None] = [None] * len(rows)
-        how = [""] * len(rows)
-        redo = []
-        for i, r in enumerate(rows):
-            b = r.batch_index
-            if r.original_text is None and int(counts[b]) == len(r.token_ids):
-                out[i] = self.probe.score_pooled(feats[b:b + 1], counts[b:b + 1])[0]
-                how[i] = "generation activations (no extra forward)"
-            else:
-                redo.append(i)
-                how[i] = ("teacher-forced: an earlier defense changed the answer" if r.original_text is not None else
-                          f"teacher-forced: the hook saw {int(counts[b])} answer positions for {len(r.token_ids)} tokens")
-        if redo:
-            got = self.probe.score_conversations([rows[i].conversation for i in redo], [rows[i].text for i in redo], engine=ctx.calls)
-            for i, s in zip(redo, got):
-                out[i] = s
-        return out, how  # type: ignore[return-value]
-
-    def _rescreen(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str]) -> list[HarmScore]:
-        if self.probe is not None:
-            return self.probe.score_conversations([r.conversation for r in rows], texts, engine=ctx.calls)
-        return self.detector.predict(texts, [st.queries[r.batch_index] for r in rows])
-
     def _after(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
         cfg = self.config
         st: _CallState = ctx.state[self.name]["call"]
@@ -387,15 +441,14 @@ class Protector(Defense):
                 n = st.fired_at[b]
                 if len(r.token_ids) > n:  # transformers kept generating the row (no EOS criterion): cut it here
                     notes[id(r)]["truncated_from"] = len(r.token_ids)
-                    r.token_ids = r.token_ids[:n]
-                    r.text = ctx.engine.decode(r.token_ids)
+                    r.truncate(n, ctx.engine.decode(r.token_ids[:n]))
                 flagged[id(r)], where[id(r)] = st.fired[b], "during"  # type: ignore[assignment]
             elif stream and r.original_text is None and 0 < len(r.token_ids) == st.checked[b]:
                 continue  # every token was checked safe during generation
             else:
                 final_rows.append(r)
         t0 = time.perf_counter()
-        scores, how = self._final_scores(ctx, st, final_rows)
+        scores, how = self._scorer.score(ctx, st, final_rows, [r.text for r in final_rows], own=True) if final_rows else ([], [])
         final_ms = (time.perf_counter() - t0) * 1e3
         for r, s, h in zip(final_rows, scores, how):
             st.checks[r.batch_index].append({"tokens": len(r.token_ids), "score": float(s.score), "stage": "after"})
@@ -455,7 +508,7 @@ class Protector(Defense):
             raise RuntimeError(f"the detoxifier returned {len(texts)} rewrites for {len(rows)} answers")
         t0 = time.perf_counter()
         live = [i for i, t in enumerate(texts) if t.strip()]
-        rescreen = self._rescreen(ctx, st, [rows[i] for i in live], [texts[i] for i in live]) if live else []
+        rescreen = self._scorer.score(ctx, st, [rows[i] for i in live], [texts[i] for i in live], own=False)[0] if live else []
         rescreen_ms = (time.perf_counter() - t0) * 1e3
         by_row = dict(zip(live, rescreen))
         out = {}
@@ -489,7 +542,7 @@ def load_detector(spec: str) -> HarmClassifier:
 
     kind = read_manifest(path).get("kind")
     if kind == KIND:
-        return HiddenStateProbe.load(path)  # bound to the wrapped model by Protector.check_model
+        return HiddenStateProbe.load(path)  # bound to the wrapped model by Protector.bind
     loader = getattr(classifiers, "load_detector", None)
     if loader is None:
         raise ValueError(f"{spec} holds a {kind!r}; this installation loads only {KIND!r} folders here "

@@ -26,6 +26,7 @@ text back until the check is done (the verdict says so).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -33,7 +34,7 @@ from typing import Any, ClassVar
 import prompts
 from guardrails import conversation as conv_mod
 from guardrails.classifiers.base import HarmClassifier
-from guardrails.defense import CallContext, Defense, Row
+from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.calls import ModelCalls
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
 from guardrails.results import Verdict
@@ -113,8 +114,8 @@ class SelfModeration(Defense):
         self.config = SelfModerationConfig(rounds, threshold, on_fail, max_new_tokens, reuse_cache, yes_tokens, no_tokens,
                                            judge_prompt, revise_prompt)
 
-    def uses_generation_cache(self) -> bool:
-        return self.config.reuse_cache
+    def requirements(self) -> Requirements:
+        return dataclasses.replace(super().requirements(), reuses_generation_cache=self.config.reuse_cache)
 
     # -- after ---------------------------------------------------------------------------------
     @staticmethod
