@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from steering._files import naming, save_tensors, write_json
 
 from guardrails.classifiers._common import encode
 from guardrails.classifiers.base import HarmClassifier, HarmScore
+from guardrails.config import Config
 from guardrails.classifiers.embedding import (
     FORMAT_VERSION,
     HEAD_FILE,
@@ -38,30 +39,22 @@ HEADS = ("prompt", "response", "stack")
 
 
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(Config):
     """How the encoder turns one text into features (shared by every head)."""
 
     layers: tuple[int, ...] = (3, 4, 5, 6)
-    pooling: str = "mean"
+    pooling: Literal["mean", "cls", "max"] = "mean"
     normalize: bool = True
     max_length: int = 256
     batch_size: int = 32
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
         if not self.layers:
             raise ValueError("layers must name at least one hidden state")
-        if self.pooling not in ("mean", "cls", "max"):
-            raise ValueError(f"pooling must be 'mean', 'cls' or 'max', got {self.pooling!r}")
         if self.max_length < 1 or self.batch_size < 1:
             raise ValueError("max_length and batch_size must be >= 1")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FeatureConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown feature keys {sorted(set(d) - known)}")
-        return cls(**d)
 
 
 def embed_texts(encoder: Any, tokenizer: Any, texts: Sequence[str], features: FeatureConfig) -> np.ndarray:
@@ -150,7 +143,7 @@ class PromptResponseDetector(HarmClassifier):
             "kind": KIND,
             "name": self.name,
             "library_version": library_version(),
-            "features": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.features).items()},
+            "features": self.features.to_dict(),
             "heads": {h: {"n_features": self.heads[h].n_features} for h in HEADS},
             "stack_features": ["response_logit", "query_prompt_logit", *[f"keyword_{k}_complied" for k in self.keyword_features]],
             "keyword_features": list(self.keyword_features),

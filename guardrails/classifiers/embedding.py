@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from steering._files import load_tensors, naming, read_json, save_tensors, write
 
 from guardrails.classifiers._common import QA_FORMAT, TEXT_ONLY_FORMAT, check_format, encode, format_rows
 from guardrails.classifiers.base import HarmClassifier, HarmScore
+from guardrails.config import Config
 
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
@@ -35,7 +36,7 @@ def library_version() -> str:
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
+class ProbeConfig(Config):
     """How text becomes features, and how the head is fitted.
 
     input: "joint" embeds one string per row (``format`` with a query, ``no_query_format``
@@ -61,33 +62,20 @@ class ProbeConfig:
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        if self.input not in ("joint", "pair"):
-            raise ValueError(f"input must be 'joint' or 'pair', got {self.input!r}")
         check_format(self.format, needs_query=True)
         check_format(self.no_query_format, needs_query=False, arg="no_query_format")
-        if self.pooling not in ("mean", "cls", "max"):
-            raise ValueError(f"pooling must be 'mean', 'cls' or 'max', got {self.pooling!r}")
         if not self.layers:
             raise ValueError("layers must name at least one hidden state, e.g. (-1,)")
         if self.max_length < 1 or self.batch_size < 1 or self.max_iter < 1:
             raise ValueError("max_length, batch_size and max_iter must be >= 1")
         if not self.C > 0:
             raise ValueError(f"C must be > 0, got {self.C}")
-        if self.class_weight not in ("balanced", None):
-            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.interaction and self.input != "pair":
             raise ValueError("interaction=True needs input='pair'")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProbeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown probe config keys {sorted(unknown)}; this library knows {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
@@ -285,7 +273,7 @@ class EmbeddingProbe(HarmClassifier):
             "name": self.name,
             "library_version": library_version(),
             "encoder": self.metadata.get("encoder", {"name": self.encoder_name}),
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+            "config": self.config.to_dict(),
             "head_file": HEAD_FILE,
             "n_features": self.head.n_features if self.head is not None else None,
             **{k: v for k, v in self.metadata.items() if k != "encoder"},

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -39,10 +39,12 @@ from steering._files import naming, save_tensors, write_json
 from guardrails.calls import ModelCalls, scoped_hook
 from guardrails.classifiers.embedding import LinearHead, check_n_features, read_probe_dir, sha256_file
 from guardrails.classifiers.base import HarmClassifier, HarmScore
+from guardrails.config import Config
 
 __all__ = ["HiddenStateProbe", "HiddenProbeConfig", "HiddenCapture", "POOLINGS"]
 
-POOLINGS = ("mean", "last")
+Pooling = Literal["mean", "last"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 KIND = "hidden-state-probe"
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
@@ -71,7 +73,7 @@ def _hidden_of(output: Any) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class HiddenProbeConfig:
+class HiddenProbeConfig(Config):
     """Validated settings of a :class:`HiddenStateProbe`.
 
     layer: decoder layer index (negative counts from the end); its output is read.
@@ -82,22 +84,19 @@ class HiddenProbeConfig:
     """
 
     layer: int
-    pooling: str = "mean"
+    pooling: Pooling = "mean"
     C: float = 1.0
-    class_weight: str | None = "balanced"
+    class_weight: Literal["balanced"] | None = "balanced"
     max_iter: int = 2000
     batch_size: int = 8
     layers_path: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise TypeError(f"layer must be an int (a decoder layer index, negative counts from the end), got {self.layer!r}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if isinstance(self.C, bool) or not isinstance(self.C, (int, float)) or not self.C > 0:
             raise ValueError(f"C must be a positive number (inverse regularisation strength), got {self.C!r}")
-        if self.class_weight not in ("balanced", None):
-            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         for name in ("max_iter", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -211,10 +210,12 @@ class HiddenStateProbe(HarmClassifier):
     name = "hidden-state-probe"
     version = "1"
 
-    def __init__(self, model: Any = None, processor: Any = None, *, layer: int, pooling: str = "mean",
-                 layers_path: str | None = None, C: float = 1.0, class_weight: str | None = "balanced",
-                 max_iter: int = 2000, batch_size: int = 8, name: str | None = None):
-        self.config = HiddenProbeConfig(layer, pooling, C, class_weight, max_iter, batch_size, layers_path)
+    def __init__(self, model: Any = None, processor: Any = None, *, layer: int, pooling: Pooling = HiddenProbeConfig.pooling,
+                 layers_path: str | None = HiddenProbeConfig.layers_path, C: float = HiddenProbeConfig.C,
+                 class_weight: str | None = HiddenProbeConfig.class_weight, max_iter: int = HiddenProbeConfig.max_iter,
+                 batch_size: int = HiddenProbeConfig.batch_size, name: str | None = None):
+        self.config = HiddenProbeConfig(layer=layer, pooling=pooling, C=C, class_weight=class_weight, max_iter=max_iter,
+                                        batch_size=batch_size, layers_path=layers_path)
         if name is not None:
             self.name = name
         self.head: _Head | None = None
@@ -510,6 +511,7 @@ class HiddenStateProbe(HarmClassifier):
             "fit": {"C": c.C, "class_weight": c.class_weight, "max_iter": c.max_iter, "standardize": True,
                     "estimator": "sklearn.linear_model.LogisticRegression"},
             "batch_size": c.batch_size,
+            "config": c.to_dict(),  # what load() reads; the keys above stay for readers of format 1
             "head_file": HEAD_FILE,
             "n_features": self.head.n_features,
             **{k: v for k, v in self.metadata.items() if k != "layer"},
@@ -535,16 +537,23 @@ class HiddenStateProbe(HarmClassifier):
             head_path = Path(directory) / man.get("head_file", HEAD_FILE)
             fit = man.get("fit", {})
             sig = _Signature(**man["model"])
-            probe = cls(layer=int(man["layer"]), pooling=man["pooling"], layers_path=sig.layers_path,
-                        C=fit.get("C", 1.0), class_weight=fit.get("class_weight", "balanced"), max_iter=fit.get("max_iter", 2000),
-                        batch_size=man.get("batch_size", 8), name=man.get("name"))
+            # The layer as resolved at fit time (the config may count from the end).
+            fixed = {"layer": int(man["layer"]), "layers_path": sig.layers_path}
+            if "config" in man:
+                cfg = HiddenProbeConfig.from_dict({**man["config"], **fixed})
+            else:  # saved before the config was recorded: read the format-1 keys
+                legacy = {k: fit[k] for k in ("C", "class_weight", "max_iter") if k in fit}
+                legacy.update({k: man[k] for k in ("pooling", "batch_size") if k in man})
+                cfg = HiddenProbeConfig.from_dict({**legacy, **fixed})
+            probe = cls(layer=cfg.layer, name=man.get("name"))
+            probe.config = cfg
             probe.head = _Head.from_tensors(tensors)
             check_n_features(directory, man.get("n_features"), probe.head.n_features, "the head")
             if probe.head.n_features != sig.hidden_size:
                 raise ValueError(f"{head_path} has {probe.head.n_features} weights but the manifest says hidden size {sig.hidden_size}")
             probe.signature = sig
             skip = {"format_version", "kind", "name", "library_version", "model", "pooling", "features", "fit", "batch_size",
-                    "head_file", "n_features", "head_sha256"}
+                    "config", "head_file", "n_features", "head_sha256"}
             probe.metadata = {k: v for k, v in man.items() if k not in skip}
             if model is not None:
                 probe.bind(model, processor)

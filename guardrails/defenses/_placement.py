@@ -7,12 +7,13 @@ never changed) and keep image parts exactly where they were.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from guardrails import conversation as conv_mod
 from guardrails.conversation import Conversation
 
-PLACEMENTS = ("system", "prefix", "sandwich")
+Placement = Literal["system", "prefix", "sandwich"]
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
 
 _SYS_PROBE = "GRSYSPROBE system text 7Q"
 _USER_PROBE = "GRUSERPROBE user text 3K"

@@ -35,19 +35,21 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 
 import prompts
 from guardrails import conversation as conv_mod
+from guardrails.config import Config
 from guardrails.conversation import Conversation
 from guardrails.defense import CallContext, Defense, Row
-from guardrails.defenses._placement import PLACEMENTS, place
 from guardrails.calls import ModelCalls
+from guardrails.defenses._placement import Placement, place
 from guardrails.results import Verdict
 
-POOLINGS = ("last", "mean")
+Pooling = Literal["last", "mean"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 
 @dataclass(frozen=True)
@@ -99,18 +101,19 @@ def load_pool(pool: dict[str, Any] | str | Path) -> list[PoolEntry]:
 
 
 @dataclass(frozen=True)
-class AdaShieldConfig:
-    """Validated settings; see :class:`AdaShield`."""
+class AdaShieldConfig(Config):
+    """Validated settings; see :class:`AdaShield`. ``threshold`` is the one in use: :meth:`AdaShield.calibrate` writes it here."""
 
     threshold: float | None = None
     embedder: str | Callable[..., Any] = "hidden"
     layer: int | None = None
-    pooling: str = "last"
-    placement: str = "sandwich"
+    pooling: Pooling = "last"
+    placement: Placement = "sandwich"
     separator: str = "\n"
     static_prompt: str = field(default_factory=lambda: prompts.render("adashield_static"))
 
     def __post_init__(self):
+        super().__post_init__()
         if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
                                            or not math.isfinite(self.threshold) or not -1.0 <= self.threshold <= 1.0):
             raise ValueError(f"threshold is a cosine similarity in [-1, 1] (or None to calibrate), got {self.threshold!r}")
@@ -118,10 +121,6 @@ class AdaShieldConfig:
             raise ValueError(f"embedder must be 'hidden' or a callable (texts, images) -> array [N, D], got {self.embedder!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise TypeError(f"layer must be an int (a decoder layer; negative counts from the end) or None (middle layer), got {self.layer!r}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if not isinstance(self.separator, str):
             raise TypeError(f"separator must be a str, got {type(self.separator).__name__}")
 
@@ -140,16 +139,17 @@ class AdaShield(Defense):
 
     supports_streaming: ClassVar[bool] = True
 
-    def __init__(self, pool: dict[str, Any] | str | Path | None = None, threshold: float | None = None,
-                 embedder: str | Callable[..., Any] = "hidden", *, layer: int | None = None, pooling: str = "last",
-                 placement: str = "sandwich", separator: str = "\n", name: str | None = None):
+    def __init__(self, pool: dict[str, Any] | str | Path | None = None, threshold: float | None = AdaShieldConfig.threshold,
+                 embedder: str | Callable[..., Any] = AdaShieldConfig.embedder, *, layer: int | None = AdaShieldConfig.layer,
+                 pooling: Pooling = AdaShieldConfig.pooling, placement: Placement = AdaShieldConfig.placement,
+                 separator: str = AdaShieldConfig.separator, name: str | None = None):
         super().__init__(name)
-        self.config = AdaShieldConfig(threshold, embedder, layer, pooling, placement, separator)
+        self.config = AdaShieldConfig(threshold=threshold, embedder=embedder, layer=layer, pooling=pooling,
+                                      placement=placement, separator=separator)
         self.entries: list[PoolEntry] | None = None if pool is None else load_pool(pool)
         if self.entries is None and threshold is not None:
             raise ValueError("threshold applies to retrieval from a pool; AdaShield-S (pool=None) shields every row")
-        self.threshold = threshold
-        #: set by calibrate(): the data behind the threshold
+        #: set by calibrate(): the data behind ``config.threshold``
         self.calibration: dict[str, Any] | None = None
         self._key_cache: dict[Any, np.ndarray] = {}
 
@@ -225,7 +225,8 @@ class AdaShield(Defense):
         """Set the threshold so at most ``target_fpr`` of these benign inputs would be shielded.
 
         threshold = the (1 - target_fpr) quantile ("higher" method) of their best similarities; a
-        shield applies when the similarity is strictly above it. Recorded in ``self.calibration``.
+        shield applies when the similarity is strictly above it. Written to ``self.config.threshold``;
+        the data behind it, with the config, to ``self.calibration``.
         ``model``: the GuardedModel (needed for embedder="hidden").
         """
         if self.entries is None:
@@ -244,13 +245,13 @@ class AdaShield(Defense):
                 f"the threshold is their maximum similarity; use at least {math.ceil(1 / max(target_fpr, 1e-12))}",
                 stacklevel=2,
             )
-        self.threshold = threshold
+        self.config = self.config.replace(threshold=threshold)
         self.calibration = {
             "target_fpr": float(target_fpr), "n_benign": len(batch), "threshold": threshold,
             "observed_fpr": observed, "quantile": 1.0 - target_fpr, "method": "higher",
             "similarity": {"min": float(sims.min()), "median": float(np.median(sims)), "max": float(sims.max())},
             "embedder": "hidden" if self.config.embedder == "hidden" else getattr(self.config.embedder, "__name__", "callable"),
-            "layer": self.config.layer, "pooling": self.config.pooling,
+            "layer": self.config.layer, "pooling": self.config.pooling, "config": self.config.to_dict(),
         }
         return threshold
 
@@ -264,7 +265,7 @@ class AdaShield(Defense):
                 detail.update(mode="static", applied=True)
                 out.append(Verdict(action="edit", detail=detail))
             return out
-        if self.threshold is None:
+        if cfg.threshold is None:
             raise ValueError(
                 f"{self.name} has a pool but no threshold: pass AdaShield(pool, threshold=...) or call "
                 "shield.calibrate(benign_conversations, target_fpr=0.05, model=guarded) first"
@@ -273,12 +274,12 @@ class AdaShield(Defense):
         out = []
         for row, sim, k in zip(rows, sims.tolist(), best.tolist()):
             entry = self.entries[k]
-            applied = sim > self.threshold
+            applied = sim > cfg.threshold
             detail: dict[str, Any] = {"mode": "retrieval", "scenario": entry.scenario, "similarity": sim,
-                                      "threshold": self.threshold, "applied": applied, "prompt_index": k}
+                                      "threshold": cfg.threshold, "applied": applied, "prompt_index": k}
             if applied:
                 row.conversation, where = place(row.conversation, entry.prompt, cfg.placement, cfg.separator, ctx.engine)
                 detail.update(where)
-            out.append(Verdict(flagged=applied, score=sim, threshold=self.threshold,
+            out.append(Verdict(flagged=applied, score=sim, threshold=cfg.threshold,
                                action="edit" if applied else "pass", detail=detail))
         return out

@@ -25,25 +25,27 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import prompts
 from guardrails import conversation as conv_mod
+from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
 from guardrails.results import Verdict
 
-NO_IMAGE = ("refuse", "flag", "skip")
+NoImage = Literal["refuse", "flag", "skip"]
+NO_IMAGE: tuple[str, ...] = get_args(NoImage)
 
 
 @dataclass(frozen=True)
-class ECSOConfig:
+class ECSOConfig(Config):
     """Validated settings; see :class:`ECSO`."""
 
     threshold: float = 0.5
     caption_tokens: int = 128
     answer_tokens: int | None = None
-    no_image: str = "refuse"
+    no_image: NoImage = "refuse"
     #: the source truncates the answer to 1927 characters in the self-check prompt
     max_response_chars: int | None = 1927
     reuse_cache: bool = True
@@ -51,6 +53,7 @@ class ECSOConfig:
     no_tokens: tuple[str, ...] = NO_VARIANTS
 
     def __post_init__(self):
+        super().__post_init__()
         check_judge_config(self)
         for name in ("caption_tokens", "answer_tokens", "max_response_chars"):
             v = getattr(self, name)
@@ -58,8 +61,6 @@ class ECSOConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int{'' if name == 'caption_tokens' else ' or None'}, got {v!r}")
-        if self.no_image not in NO_IMAGE:
-            raise ValueError(f"no_image must be one of {NO_IMAGE}, got {self.no_image!r}")
 
 
 class ECSO(Defense):
@@ -75,13 +76,15 @@ class ECSO(Defense):
 
     supports_streaming: ClassVar[bool] = False
 
-    def __init__(self, threshold: float = 0.5, caption_tokens: int = 128, *, answer_tokens: int | None = None,
-                 no_image: str = "refuse", max_response_chars: int | None = 1927, reuse_cache: bool = True,
-                 yes_tokens: tuple[str, ...] = YES_VARIANTS, no_tokens: tuple[str, ...] = NO_VARIANTS,
-                 name: str | None = None):
+    def __init__(self, threshold: float = ECSOConfig.threshold, caption_tokens: int = ECSOConfig.caption_tokens, *,
+                 answer_tokens: int | None = ECSOConfig.answer_tokens, no_image: NoImage = ECSOConfig.no_image,
+                 max_response_chars: int | None = ECSOConfig.max_response_chars,
+                 reuse_cache: bool = ECSOConfig.reuse_cache, yes_tokens: tuple[str, ...] = ECSOConfig.yes_tokens,
+                 no_tokens: tuple[str, ...] = ECSOConfig.no_tokens, name: str | None = None):
         super().__init__(name)
-        self.config = ECSOConfig(threshold, caption_tokens, answer_tokens, no_image, max_response_chars,
-                                 reuse_cache, yes_tokens, no_tokens)
+        self.config = ECSOConfig(threshold=threshold, caption_tokens=caption_tokens, answer_tokens=answer_tokens,
+                                 no_image=no_image, max_response_chars=max_response_chars, reuse_cache=reuse_cache,
+                                 yes_tokens=yes_tokens, no_tokens=no_tokens)
 
     def requirements(self) -> Requirements:
         return dataclasses.replace(super().requirements(), reuses_generation_cache=self.config.reuse_cache)

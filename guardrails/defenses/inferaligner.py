@@ -29,15 +29,18 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 from guardrails._compat import STATIC_CACHE_IMPLEMENTATIONS, get_cache, is_static_cache
+from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Row
 from guardrails.results import Verdict
 from steering import Gate, SteeringVectors, check_steerable, find_decoder_layers, steer
 from steering.extract import template_hashes
 
-GATE_SOURCES = ("auto", "given", "vectors", "none")
+#: where the gate comes from, as resolved in the config ("auto" in ``__init__`` picks one of these)
+GateSource = Literal["given", "vectors", "none"]
+GATE_SOURCES: tuple[str, ...] = ("auto", *get_args(GateSource))
 
 _HOOKS_FILE = os.path.join("steering", "hooks.py")
 
@@ -47,7 +50,7 @@ def _short(h: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class InferAlignerConfig:
+class InferAlignerConfig(Config):
     """Validated settings; see :class:`InferAligner`.
 
     ``alpha_origin`` / ``layers_origin`` say where the values came from ("argument", "manifest"
@@ -56,13 +59,14 @@ class InferAlignerConfig:
 
     alpha: float
     layers: tuple[int, ...]
-    gate_source: str
+    gate_source: GateSource
     strict_template: bool = True
     path: str | None = None
     alpha_origin: str = "argument"
     layers_origin: str = "argument"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
         if self.alpha == 0:
@@ -70,8 +74,6 @@ class InferAlignerConfig:
         object.__setattr__(self, "alpha", float(self.alpha))
         if not self.layers:
             raise ValueError("no layers to steer; pass layers= with at least one layer the vectors cover")
-        if self.gate_source not in GATE_SOURCES[1:]:
-            raise ValueError(f"gate_source must be one of {GATE_SOURCES}, got {self.gate_source!r}")
         if not isinstance(self.strict_template, bool):
             raise TypeError(f"strict_template must be True or False, got {self.strict_template!r}")
 
@@ -134,7 +136,8 @@ class InferAligner(Defense):
 
     def __init__(self, vectors: SteeringVectors, gate: Gate | None = None, alpha: float | None = None,
                  layers: Sequence[int] | int | str | None = None, gate_source: str = "auto", *,
-                 strict_template: bool = True, path: str | None = None, name: str | None = None):
+                 strict_template: bool = InferAlignerConfig.strict_template, path: str | None = InferAlignerConfig.path,
+                 name: str | None = None):
         super().__init__(name)
         if not isinstance(vectors, SteeringVectors):
             raise TypeError(f"vectors must be steering.SteeringVectors (e.g. SteeringVectors.load(DIR)), "
@@ -183,8 +186,7 @@ class InferAligner(Defense):
         self._notes: list[str] = []
 
     @classmethod
-    def from_spec(cls, vectors: str | None = None, gate: str | None = None, alpha: float | None = None,
-                  layers: Any = None, gate_source: str = "auto", **options: Any) -> InferAligner:
+    def from_spec(cls, vectors: str | None = None, gate: str | None = None, **options: Any) -> InferAligner:
         """Spec options: ``vectors=DIR`` (required), ``gate=DIR``, ``alpha=4``, ``layers=8;9;10`` or ``8-10``,
         ``gate_source=auto|vectors|none``, ``strict_template=false``, ``path=model.layers``.
 
@@ -193,9 +195,10 @@ class InferAligner(Defense):
         if not vectors:
             raise ValueError("inferaligner needs vectors=DIR (a folder written by SteeringVectors.save or "
                              "`python -m steering extract`)")
-        sv = SteeringVectors.load(Path(vectors), with_gate=gate_source in ("auto", "vectors") and gate is None)
+        # The vectors' gate is needed unless a gate is given or gate_source excludes it (absent: "auto").
+        sv = SteeringVectors.load(Path(vectors), with_gate=gate is None and options.get("gate_source") not in ("given", "none"))
         g = Gate.load(Path(gate)) if gate else None
-        return cls(sv, g, alpha=alpha, layers=layers, gate_source=gate_source, **options)
+        return cls(sv, g, **options)
 
     # -- properties for reports ---------------------------------------------------------------
     @property

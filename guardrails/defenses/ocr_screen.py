@@ -30,8 +30,9 @@ from transformers import StoppingCriteria
 import prompts
 from guardrails import conversation as conv_mod
 from guardrails.classifiers.base import HarmClassifier
-from guardrails.defense import CallContext, Defense, Refusal, Requirements, Row
 from guardrails.calls import ModelCalls
+from guardrails.config import Config
+from guardrails.defense import CallContext, Defense, Refusal, Requirements, Row
 from guardrails.results import Verdict, check_threshold
 
 Mode = Literal["classify", "reveal", "gate"]
@@ -52,6 +53,42 @@ class ScreenResult:
         return {"flagged": self.flagged, "score": self.score, "ocr_text": self.ocr_text, "latency_ms": round(self.latency_ms, 2)}
 
 
+@dataclass(frozen=True)
+class OCRScreenConfig(Config):
+    """Validated settings; see :class:`OCRScreen`. ``engine``: an OCR engine name or a ``guardrails.ocr.OCREngine``."""
+
+    mode: Mode = "classify"
+    threshold: float = 0.5
+    engine: Any = "auto"
+    overlap: bool = False
+    refusal_text: str = field(default_factory=lambda: prompts.render("refusal_default"))
+    min_chars: int = 3
+    # Off by default, measured: the default detector scores FigStep's own benign typed prompt
+    # 0.971, so judging image text + typed text flagged 98% of benign typographic images
+    # (benchmarks/ocr_detection.py). Typed text is a prompt classifier's job; this screen
+    # judges what only OCR can see.
+    with_user_text: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "overlap", bool(self.overlap))
+        object.__setattr__(self, "with_user_text", bool(self.with_user_text))
+        if self.overlap and self.mode == "reveal":
+            raise ValueError("overlap=True cannot apply to mode='reveal': the revealed text must be in the prompt before generation")
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        from guardrails.ocr.engines import ENGINES
+
+        # Checked now: a wrong name must not surface only at the first image, row after row.
+        if isinstance(self.engine, str) and self.engine.lower() not in ("auto", *ENGINES):
+            raise ValueError(f"unknown OCR engine {self.engine!r}; choose one of {['auto', *ENGINES]}")
+        if not isinstance(self.engine, str) and not callable(getattr(self.engine, "read_all", None)):
+            raise TypeError(f"engine must be an OCR engine name or a guardrails.ocr.OCREngine, got {type(self.engine).__name__}")
+        if isinstance(self.min_chars, bool) or not isinstance(self.min_chars, int) or self.min_chars < 0:
+            raise ValueError(f"min_chars must be an int >= 0 (image text shorter than this is ignored), got {self.min_chars!r}")
+        if not isinstance(self.refusal_text, str) or not self.refusal_text.strip():
+            raise ValueError("refusal_text must be a non-empty string (what a flagged row gets)")
+
+
 def screen_text(ocr_text: str, user_text: str) -> str:
     """What the classifier judges: the image text as the instruction, then the typed text."""
     return f"{ocr_text}\n{user_text}".strip() if ocr_text else user_text
@@ -69,68 +106,73 @@ class OCRScreen(Defense):
 
     def __init__(
         self,
-        mode: Mode = "classify",
+        mode: Mode = OCRScreenConfig.mode,
         classifier: HarmClassifier | None = None,
-        threshold: float = 0.5,
+        threshold: float = OCRScreenConfig.threshold,
         *,
-        engine: Any = "auto",
+        engine: Any = OCRScreenConfig.engine,
         gate: Any = None,
-        overlap: bool = False,
+        overlap: bool = OCRScreenConfig.overlap,
         refusal_text: str | None = None,
-        min_chars: int = 3,
-        with_user_text: bool = False,
+        min_chars: int = OCRScreenConfig.min_chars,
+        with_user_text: bool = OCRScreenConfig.with_user_text,
         name: str | None = None,
     ):
         super().__init__(name)
-        if mode not in ("classify", "reveal", "gate"):
-            raise ValueError(f"mode must be 'classify', 'reveal' or 'gate', got {mode!r}")
+        given = {} if refusal_text is None else {"refusal_text": refusal_text}  # None: the config's default text
+        self.config = OCRScreenConfig(mode=mode, threshold=threshold, engine=engine, overlap=overlap, min_chars=min_chars,
+                                      with_user_text=with_user_text, **given)
         if mode == "gate" and gate is None:
             raise ValueError("mode='gate' needs gate=steering.Gate (from InferAligner's calibration: steering.Gate.load(DIR))")
         if mode != "gate" and gate is not None:
             raise ValueError(f"gate= is only used in mode='gate', not {mode!r}")
         if mode != "classify" and classifier is not None:
             raise ValueError(f"classifier= is only used in mode='classify', not {mode!r}")
-        if overlap and mode == "reveal":
-            raise ValueError("overlap=True cannot apply to mode='reveal': the revealed text must be in the prompt before generation")
-        threshold = check_threshold(threshold)
-        from guardrails.ocr.engines import ENGINES
-
-        # Checked now: a wrong name must not surface only at the first image, row after row.
-        if isinstance(engine, str) and engine.lower() not in ("auto", *ENGINES):
-            raise ValueError(f"unknown OCR engine {engine!r}; choose one of {['auto', *ENGINES]}")
-        if not isinstance(engine, str) and not callable(getattr(engine, "read_all", None)):
-            raise TypeError(f"engine must be an OCR engine name or a guardrails.ocr.OCREngine, got {type(engine).__name__}")
-        if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 0:
-            raise ValueError(f"min_chars must be an int >= 0 (image text shorter than this is ignored), got {min_chars!r}")
         if classifier is not None and not isinstance(classifier, HarmClassifier):
             raise TypeError(f"classifier must be a guardrails HarmClassifier, got {type(classifier).__name__}")
-        self.mode, self.threshold, self.overlap, self.min_chars = mode, threshold, bool(overlap), min_chars
-        # Off by default, measured: the default detector scores FigStep's own benign typed prompt
-        # 0.971, so judging image text + typed text flagged 98% of benign typographic images
-        # (benchmarks/ocr_detection.py). Typed text is a prompt classifier's job; this screen
-        # judges what only OCR can see.
-        self.with_user_text = bool(with_user_text)
         self.gate = gate
-        self.refusal_text = refusal_text or prompts.render("refusal_default")
         self._engine_spec = engine
         self._ocr = None if isinstance(engine, str) else engine
         self._classifier = classifier
 
     @classmethod
-    def from_spec(cls, mode: Mode = "classify", threshold: float = 0.5, engine: str = "auto", overlap: bool = False,
-                  detector: str = "default", gate: str | None = None, **kw: Any) -> OCRScreen:
-        """Spec options: ``ocr:mode=gate,gate=DIR`` / ``ocr:mode=classify,detector=DIR``."""
-        classifier = None
+    def from_spec(cls, mode: Mode = OCRScreenConfig.mode, *, detector: str = "default", gate: str | None = None,
+                  **kw: Any) -> OCRScreen:
+        """Spec options: ``ocr:mode=gate,gate=DIR`` / ``ocr:mode=classify,detector=DIR``; the rest as in ``__init__``."""
         if mode == "classify" and detector != "default":
             from guardrails.classifiers import load_detector
 
-            classifier = load_detector(detector)
-        gate_obj = None
+            kw["classifier"] = load_detector(detector)
         if gate is not None:
             from steering import Gate
 
-            gate_obj = Gate.load(gate)
-        return cls(mode, classifier, threshold, engine=engine, gate=gate_obj, overlap=overlap, **kw)
+            kw["gate"] = Gate.load(gate)
+        return cls(mode, **kw)
+
+    # -- settings, read from the config (the single source of truth) ----------------------------
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold
+
+    @property
+    def overlap(self) -> bool:
+        return self.config.overlap
+
+    @property
+    def min_chars(self) -> int:
+        return self.config.min_chars
+
+    @property
+    def with_user_text(self) -> bool:
+        return self.config.with_user_text
+
+    @property
+    def refusal_text(self) -> str:
+        return self.config.refusal_text
 
     # -- components, built on first use (OCR engines and detectors take a while to load) --------
     @property

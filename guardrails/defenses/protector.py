@@ -31,7 +31,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 import torch
 from transformers import StoppingCriteria
@@ -41,12 +41,14 @@ from guardrails import conversation as conv_mod
 from guardrails.calls import ModelCalls
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.classifiers.hidden_probe import HiddenStateProbe
+from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.results import Verdict, check_threshold
 
 __all__ = ["Protector", "ProtectorConfig", "Detoxifier", "MODES", "DETOX_PROMPT"]
 
-MODES = ("post", "stream")
+Mode = Literal["post", "stream"]  # "post": after the answer, "stream": every `every` new tokens
+MODES: tuple[str, ...] = get_args(Mode)
 DETOX_PROMPT = "mllm_protector_detoxify"
 # Generation settings that make sense for a separate model (token ids of the wrapped model's tokenizer do not).
 _PORTABLE = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
@@ -54,20 +56,19 @@ _PORTABLE = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "to
 
 
 @dataclass(frozen=True)
-class ProtectorConfig:
+class ProtectorConfig(Config):
     """Validated settings; see :class:`Protector`."""
 
     threshold: float = 0.5
-    mode: str = "post"
+    mode: Mode = "post"
     every: int = 16
     refusal_text: str = field(default_factory=lambda: prompts.render("refusal_default"))
     #: new-token limit of a rewrite; None: the call's own generate settings
     max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_threshold(self.threshold)
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES} ('post': after the answer, 'stream': every `every` tokens), got {self.mode!r}")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"every must be a positive int (new tokens between checks in stream mode), got {self.every!r}")
         if not isinstance(self.refusal_text, str) or not self.refusal_text.strip():
@@ -301,9 +302,10 @@ class Protector(Defense):
 
     supports_streaming: ClassVar[bool] = True  # stream() shows only tokens the detector has passed
 
-    def __init__(self, detector: HarmClassifier, detoxifier: str | Detoxifier = "self", threshold: float = 0.5,
-                 mode: str = "post", every: int = 16, refusal_text: str | None = None, *,
-                 max_new_tokens: int | None = None, name: str | None = None):
+    def __init__(self, detector: HarmClassifier, detoxifier: str | Detoxifier = "self",
+                 threshold: float = ProtectorConfig.threshold, mode: Mode = ProtectorConfig.mode,
+                 every: int = ProtectorConfig.every, refusal_text: str | None = None, *,
+                 max_new_tokens: int | None = ProtectorConfig.max_new_tokens, name: str | None = None):
         super().__init__(name)
         if isinstance(detector, type):
             raise TypeError(f"detector is the class {detector.__name__}; pass an instance")
@@ -326,8 +328,7 @@ class Protector(Defense):
         self._scorer: _Scorer = _TextScorer(detector) if self.probe is None else _ProbeScorer(self.probe, self)
 
     @classmethod
-    def from_spec(cls, detector: str = "default", mode: str = "post", every: int = 16, threshold: float = 0.5,
-                  detoxifier: str = "self", refusal_text: str | None = None, **options: Any) -> Protector:
+    def from_spec(cls, detector: str = "default", **options: Any) -> Protector:
         """Spec options: ``detector=default|DIR`` (a saved probe folder), ``mode=post|stream``, ``every=16``,
         ``threshold=0.5``, ``detoxifier=self|refuse|DIR`` (a local causal LM), ``refusal_text=...``,
         ``max_new_tokens=128``.
@@ -335,10 +336,11 @@ class Protector(Defense):
         >>> build_defenses("protector:mode=stream,every=16,detector=runs/probe")
         """
         det = load_detector(str(detector))
-        detox: str | Detoxifier = detoxifier
-        if detoxifier not in ("self", "refuse"):
-            detox = Detoxifier.from_pretrained(str(detoxifier), max_new_tokens=options.get("max_new_tokens"))
-        return cls(det, detox, threshold=threshold, mode=mode, every=every, refusal_text=refusal_text, **options)
+        # Only the options given go on, so the defaults stay those of __init__ and ProtectorConfig.
+        detox = options.get("detoxifier")
+        if detox is not None and detox not in ("self", "refuse"):
+            options["detoxifier"] = Detoxifier.from_pretrained(str(detox), max_new_tokens=options.get("max_new_tokens"))
+        return cls(det, **options)
 
     # -- wrap time -------------------------------------------------------------------------------
     def requirements(self) -> Requirements:

@@ -29,17 +29,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import prompts
 from guardrails import conversation as conv_mod
 from guardrails.classifiers.base import HarmClassifier
-from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.calls import ModelCalls
+from guardrails.config import Config
+from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
 from guardrails.results import Verdict
 
-ON_FAIL = ("refuse", "keep")
+OnFail = Literal["refuse", "keep"]
+ON_FAIL: tuple[str, ...] = get_args(OnFail)
 _FIELDS = frozenset({"query", "response"})
 
 
@@ -55,12 +57,12 @@ def _template(value: Any, arg: str) -> prompts.PromptTemplate:
 
 
 @dataclass(frozen=True)
-class SelfModerationConfig:
+class SelfModerationConfig(Config):
     """Validated settings; see :class:`SelfModeration`."""
 
     rounds: int = 2
     threshold: float = 0.5
-    on_fail: str = "refuse"
+    on_fail: OnFail = "refuse"
     max_new_tokens: int | None = None
     reuse_cache: bool = True
     yes_tokens: tuple[str, ...] = YES_VARIANTS
@@ -69,13 +71,12 @@ class SelfModerationConfig:
     revise_prompt: Any = "selfmod_revise"
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "judge_prompt", _template(self.judge_prompt, "judge_prompt"))
         object.__setattr__(self, "revise_prompt", _template(self.revise_prompt, "revise_prompt"))
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise ValueError(f"rounds must be an int >= 0 (the most revisions per row), got {self.rounds!r}")
         check_judge_config(self)
-        if self.on_fail not in ON_FAIL:
-            raise ValueError(f"on_fail must be one of {ON_FAIL}, got {self.on_fail!r}")
         if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive int or None (None: the call's own), got {self.max_new_tokens!r}")
 
@@ -99,11 +100,14 @@ class SelfModeration(Defense):
 
     supports_streaming: ClassVar[bool] = False
 
-    def __init__(self, rounds: int = 2, judge: HarmClassifier | None = None, threshold: float = 0.5, *,
-                 on_fail: str = "refuse", max_new_tokens: int | None = None, reuse_cache: bool = True,
-                 yes_tokens: tuple[str, ...] = YES_VARIANTS, no_tokens: tuple[str, ...] = NO_VARIANTS,
-                 judge_prompt: str | prompts.PromptTemplate = "selfmod_judge_followup",
-                 revise_prompt: str | prompts.PromptTemplate = "selfmod_revise", name: str | None = None):
+    def __init__(self, rounds: int = SelfModerationConfig.rounds, judge: HarmClassifier | None = None,
+                 threshold: float = SelfModerationConfig.threshold, *, on_fail: OnFail = SelfModerationConfig.on_fail,
+                 max_new_tokens: int | None = SelfModerationConfig.max_new_tokens,
+                 reuse_cache: bool = SelfModerationConfig.reuse_cache,
+                 yes_tokens: tuple[str, ...] = SelfModerationConfig.yes_tokens,
+                 no_tokens: tuple[str, ...] = SelfModerationConfig.no_tokens,
+                 judge_prompt: str | prompts.PromptTemplate = SelfModerationConfig.judge_prompt,
+                 revise_prompt: str | prompts.PromptTemplate = SelfModerationConfig.revise_prompt, name: str | None = None):
         super().__init__(name)
         if judge is not None and not isinstance(judge, HarmClassifier):
             raise TypeError(
@@ -111,8 +115,9 @@ class SelfModeration(Defense):
                 f"got {type(judge).__name__}"
             )
         self.judge = judge
-        self.config = SelfModerationConfig(rounds, threshold, on_fail, max_new_tokens, reuse_cache, yes_tokens, no_tokens,
-                                           judge_prompt, revise_prompt)
+        self.config = SelfModerationConfig(rounds=rounds, threshold=threshold, on_fail=on_fail, max_new_tokens=max_new_tokens,
+                                           reuse_cache=reuse_cache, yes_tokens=yes_tokens, no_tokens=no_tokens,
+                                           judge_prompt=judge_prompt, revise_prompt=revise_prompt)
 
     def requirements(self) -> Requirements:
         return dataclasses.replace(super().requirements(), reuses_generation_cache=self.config.reuse_cache)

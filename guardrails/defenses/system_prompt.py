@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import prompts
+from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Row
-from guardrails.defenses._placement import PLACEMENTS, place, system_support
+from guardrails.defenses._placement import Placement, place, system_support
 from guardrails.results import Verdict
 
 #: preset name -> prompt template name (``prompts.get``)
@@ -30,19 +31,18 @@ PRESETS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class SystemPromptConfig:
+class SystemPromptConfig(Config):
     """Validated settings. ``source`` records where ``text`` came from (preset, template or "custom")."""
 
     text: str
     source: str = "custom"
-    placement: str = "system"
+    placement: Placement = "system"
     separator: str = "\n"
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.text, str) or not self.text.strip():
             raise ValueError("the safety prompt text is empty; give a preset name or text='...'")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if not isinstance(self.separator, str):
             raise TypeError(f"separator must be a str, got {type(self.separator).__name__}")
 
@@ -96,8 +96,8 @@ class SafetySystemPrompt(Defense):
 
     supports_streaming: ClassVar[bool] = True
 
-    def __init__(self, preset_or_text: str = "default", placement: str = "system", *, text: str | None = None,
-                 separator: str = "\n", name: str | None = None):
+    def __init__(self, preset_or_text: str = "default", placement: Placement = SystemPromptConfig.placement, *,
+                 text: str | None = None, separator: str = SystemPromptConfig.separator, name: str | None = None):
         super().__init__(name)
         body, source = resolve_text(preset_or_text, text)
         self.config = SystemPromptConfig(text=body, source=source, placement=placement, separator=separator)
