@@ -21,11 +21,12 @@ _EXPORTS = {
     **dict.fromkeys(("METHODS", "READ_POSITION", "Activations", "ChatPreparer", "compute_directions",
                      "extract_activations", "last_token_index", "read_last_token", "template_sha256"), "extract"),
     **dict.fromkeys(("Gate", "GateCalibration", "GateLayerResult", "calibrate_gate", "calibrate_gate_from_prompts"), "gate"),
-    **dict.fromkeys(("SteeringHandle", "check_steerable", "compute_gate", "steer"), "hooks"),
+    **dict.fromkeys(("SteeringHandle", "activation_norms", "check_steerable", "compute_gate", "steer"), "hooks"),
+    **dict.fromkeys(("SteeringCalibration", "SteeringTrial", "calibrate_steering"), "tune"),
     **dict.fromkeys(("LayerInfo", "find_decoder_layers", "layer_device", "layer_dtype", "module_path"), "layers"),
     **dict.fromkeys(("Manifest", "SteeringVectors", "extract_steering_vectors"), "vectors"),
 }
-_SUBMODULES = ("extract", "gate", "hooks", "layers", "vectors")
+_SUBMODULES = ("extract", "gate", "hooks", "layers", "tune", "vectors")
 
 __all__ = [
     "METHODS",
@@ -37,10 +38,14 @@ __all__ = [
     "GateLayerResult",
     "LayerInfo",
     "Manifest",
+    "SteeringCalibration",
     "SteeringHandle",
+    "SteeringTrial",
     "SteeringVectors",
+    "activation_norms",
     "calibrate_gate",
     "calibrate_gate_from_prompts",
+    "calibrate_steering",
     "check_steerable",
     "compute_directions",
     "compute_gate",

@@ -226,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", help="where to write gate.safetensors + gate.json (default: the --vectors folder)")
     cal.add_argument("--allow-template-mismatch", action="store_true",
                      help="warn instead of refusing when the chat template differs from the vectors'")
+    cal.add_argument("--hard-negatives", help="benign prompts that use dangerous words: added to the harmless side of "
+                     "the gate (its false-positive rate on them is reported separately)")
+    cal.add_argument("--max-fpr", type=float, help="choose the gate by recall at most this false-positive rate on the "
+                     "harmless prompts (e.g. 0.05) instead of by F1")
+    cal.add_argument("--gate-only", action="store_true", help="calibrate the gate only, not where and how strongly to steer")
+    cal.add_argument("--steer-layers", default="auto",
+                     help="candidate layers for steering, each tried alone, e.g. '6,10,14' (auto: every 4th from a quarter "
+                          "to three quarters of the depth)")
+    cal.add_argument("--alphas", default="0.25,0.5,1", help="candidate strengths, a fraction of the activation norm "
+                     "(scale relative)")
+    cal.add_argument("--scale", default="relative", choices=("relative", "absolute"))
+    cal.add_argument("--positions", default="generated", choices=("generated", "all"))
+    cal.add_argument("--steer-limit", type=positive_int, default=32,
+                     help="prompts of each kind (harmful, harmless + hard negatives) generated per candidate")
+    cal.add_argument("--max-new-tokens", type=positive_int, default=32)
     return parser
 
 
@@ -257,15 +272,73 @@ def _calibrate(args: argparse.Namespace, model: Any, processor: Any, harmful: li
     for note in sv.check_compatible(model, processor, strict_template=not args.allow_template_mismatch,
                                     path=args.layer_path):
         print(f"note: {note}", file=sys.stderr)
-    cal = calibrate_gate_from_prompts(model, sv, harmful, harmless, processor=processor,
+    hard = read_prompts(args.hard_negatives, column=args.column, field=args.field, limit=args.limit) if args.hard_negatives else []
+    if args.max_fpr is not None and not 0 <= args.max_fpr < 1:
+        raise CliError(f"--max-fpr is a false-positive rate in [0, 1), got {args.max_fpr}")
+    cal = calibrate_gate_from_prompts(model, sv, harmful, harmless + hard, processor=processor,
                                       layers=parse_layers(args.layers), batch_size=args.batch_size,
-                                      progress=not args.no_progress, path=args.layer_path)
-    out = cal.gate.save(args.out or args.vectors)
-    print(cal.table())
+                                      progress=not args.no_progress, path=args.layer_path, max_fpr=args.max_fpr)
+    gate = cal.gate
+    if hard:
+        from .hooks import compute_gate
+        from .extract import ChatPreparer, _to_model
+
+        prepare = ChatPreparer(processor)
+        fired = sum(float(compute_gate(model, gate, _to_model(model, prepare(hard[s:s + args.batch_size])),
+                                       path=args.layer_path)[1].sum()) for s in range(0, len(hard), args.batch_size))
+        gate.metrics["hard_negative_fpr"] = fired / len(hard)
+        gate.metrics["num_hard_negatives"] = float(len(hard))
     b = cal.best
+    print(cal.table())
     print(f"gate: layer {b.layer}, threshold {b.threshold:.4g} (bias {b.bias:.4g}), precision {b.precision:.3f}, "
-          f"recall {b.recall:.3f}, F1 {b.f1:.3f} on {len(harmful)} harmful / {len(harmless)} harmless prompts; "
-          f"saved to {out}")
+          f"recall {b.recall:.3f}, F1 {b.f1:.3f}, false positives {b.fpr:.1%} on {len(harmful)} harmful / "
+          f"{len(harmless) + len(hard)} harmless prompts"
+          + (f" (hard negatives: {gate.metrics['hard_negative_fpr']:.1%} of {len(hard)})" if hard else ""))
+    if not args.gate_only:
+        sv = _calibrate_steering(args, model, processor, sv, harmful, harmless + hard)
+    target = args.out or args.vectors
+    out = gate.save(target) if args.gate_only else sv.with_gate(gate).save(target)
+    print(f"saved to {out}")
+
+
+def _calibrate_steering(args: argparse.Namespace, model: Any, processor: Any, sv: Any, harmful: list, benign: list) -> Any:
+    """Choose steering layers and alpha by generating (steering.tune); the choice goes into the manifest."""
+    from .layers import find_decoder_layers
+    from .tune import calibrate_steering
+
+    try:  # the refusal markers ship with guardrails (same distribution); steering itself has none
+        from guardrails.classifiers.keywords import keyword_lists
+    except ImportError as e:  # pragma: no cover - guardrails is part of this distribution
+        raise CliError(f"steering calibration judges refusals with guardrails' keyword lists: {e}; pass --gate-only") from None
+    markers = keyword_lists()["llm_attacks"]["keywords"]
+    n = find_decoder_layers(model, args.layer_path).num_layers
+    if args.steer_layers == "auto":
+        candidates = [[i] for i in range(n // 4, (3 * n) // 4 + 1, 4) if i in sv.vectors]
+    else:
+        candidates = [[i] for i in (parse_layers(args.steer_layers) or [])]
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    except ValueError:
+        raise CliError(f"--alphas takes numbers separated by commas, got {args.alphas!r}") from None
+    if not candidates or not alphas:
+        raise CliError("give at least one --steer-layers layer and one --alphas value")
+    k = args.steer_limit
+    # Spread the benign side over harmless prompts and hard negatives alike.
+    step = max(1, len(benign) // k)
+    cal = calibrate_steering(model, processor, sv, harmful[:k], benign[::step][:k], is_refusal=lambda t: any(m in t for m in markers),
+                             layer_sets=candidates, alphas=alphas, scale=args.scale, positions=args.positions,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, path=args.layer_path,
+                             progress=None if args.no_progress else (lambda line: print(line, file=sys.stderr)))
+    print(cal.table())
+    try:
+        chosen = sv.with_choice(cal)
+    except ValueError as e:
+        raise CliError(str(e).splitlines()[0] + "; nothing was written (see the table above)") from None
+    b = cal.best
+    print(f"steering: layers {list(b.layers)}, alpha {b.alpha:g} ({b.scale}, {b.positions} positions): harmful refused "
+          f"{b.harmful_refusal:.0%} (bare {cal.bare.harmful_refusal:.0%}), benign refused {b.benign_refusal:.0%} "
+          f"(bare {cal.bare.benign_refusal:.0%}), garbled {b.garbled:.0%}")
+    return chosen
 
 
 @entry_point

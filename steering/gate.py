@@ -172,6 +172,11 @@ class GateLayerResult:
     def bias(self) -> float:
         return -self.threshold
 
+    @property
+    def fpr(self) -> float:
+        """Share of the harmless calibration prompts the gate fires on (false positives)."""
+        return self.fp / (self.fp + self.tn) if self.fp + self.tn else 0.0
+
 
 @dataclass
 class GateCalibration:
@@ -183,20 +188,23 @@ class GateCalibration:
 
     def table(self) -> str:
         """A plain-text table, one row per layer, the chosen one marked with '*'."""
-        head = f"{'layer':>5}  {'threshold':>10}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'acc':>6}  {'margin':>7}"
+        head = (f"{'layer':>5}  {'threshold':>10}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'acc':>6}  {'fpr':>6}  "
+                f"{'margin':>7}")
         lines = [head, "-" * len(head)]
         for r in self.results:
             mark = "*" if r.layer == self.best.layer else " "
             lines.append(f"{r.layer:>4}{mark}  {r.threshold:>10.4g}  {r.precision:>9.3f}  {r.recall:>6.3f}  "
-                         f"{r.f1:>6.3f}  {r.accuracy:>6.3f}  {r.margin:>7.3f}")
+                         f"{r.f1:>6.3f}  {r.accuracy:>6.3f}  {r.fpr:>6.3f}  {r.margin:>7.3f}")
         return "\n".join(lines)
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.results]
 
 
-def _best_threshold(pos: torch.Tensor, neg: torch.Tensor, layer: int) -> GateLayerResult:
-    """Sweep every cut between sorted projections; maximise F1, ties broken by the widest gap."""
+def _best_threshold(pos: torch.Tensor, neg: torch.Tensor, layer: int, max_fpr: float | None = None) -> GateLayerResult:
+    """Sweep every cut between sorted projections; maximise F1 (or, with ``max_fpr``, recall among
+    cuts whose false-positive rate on the harmless prompts is at most ``max_fpr``), ties broken by
+    the widest gap."""
     p = torch.cat([pos, neg]).double()
     labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
     order = torch.argsort(p, descending=True)
@@ -211,11 +219,18 @@ def _best_threshold(pos: torch.Tensor, neg: torch.Tensor, layer: int) -> GateLay
         tp = float(tp_cum[k])
         f1 = 2 * tp / (k + n_pos) if (k + n_pos) > 0 else 0.0
         gap = float(p[k - 1] - p[k]) / spread if 0 < k < n else 0.0
-        key = (f1, gap, -k)
+        if max_fpr is not None:
+            if (k - tp) > max_fpr * (n - n_pos):
+                continue
+            key = (tp, gap, -k)  # most harmful prompts caught within the false-positive budget
+        else:
+            key = (f1, gap, -k)
         if best is None or key > best:
             best = key
-    assert best is not None
-    f1, gap, k = best[0], best[1], -best[2]
+    assert best is not None  # k = 0 (fire on nothing) always meets any budget
+    gap, k = best[1], -best[2]
+    tp_k = float(tp_cum[k])
+    f1 = 2 * tp_k / (k + n_pos) if (k + n_pos) > 0 else 0.0
     if k == 0:
         threshold = float(p[0]) + spread  # nothing steered
     elif k == n:
@@ -246,8 +261,14 @@ def calibrate_gate(
     *,
     layers: Sequence[int] | None = None,
     source: dict[str, Any] | None = None,
+    max_fpr: float | None = None,
 ) -> GateCalibration:
     """Choose the gate layer and bias with the best F1 on held-out harmful/harmless activations.
+
+    With ``max_fpr`` the objective is recall at a false-positive rate on the harmless prompts of at
+    most ``max_fpr`` (per layer; the layer with the best recall wins). Use it with hard negatives
+    among the harmless prompts (benign requests that use dangerous words): F1 on two prompt sets
+    that differ in style rewards a gate that learned the style, not harm.
 
     ``vectors`` (SteeringVectors or ``{layer: [H] tensor}``) gives the direction per layer: the
     target model's own safety vectors, extracted from *other* prompts than these. Per layer, every
@@ -256,6 +277,8 @@ def calibrate_gate(
     (its gate is known earliest in the forward pass).
     """
     directions = _directions_of(vectors)
+    if max_fpr is not None and (isinstance(max_fpr, bool) or not isinstance(max_fpr, (int, float)) or not 0 <= max_fpr < 1):
+        raise ValueError(f"max_fpr is a false-positive rate in [0, 1), got {max_fpr!r}")
     if len(harmful) == 0 or len(harmless) == 0:
         raise ValueError("calibration needs at least one harmful and one harmless prompt")
     available = [layer for layer in harmful.layer_indices if layer in harmless.layer_indices and layer in directions]
@@ -274,10 +297,15 @@ def calibrate_gate(
         if norm == 0 or not torch.isfinite(norm):
             raise ValueError(f"the vector at layer {layer} is zero or not finite; it cannot define a gate")
         units[layer] = v / norm
-        results.append(_best_threshold(harmful.at(layer) @ units[layer], harmless.at(layer) @ units[layer], layer))
-    best = max(results, key=lambda r: (r.f1, r.margin, -r.layer))
+        results.append(_best_threshold(harmful.at(layer) @ units[layer], harmless.at(layer) @ units[layer], layer, max_fpr))
+    if max_fpr is None:
+        best = max(results, key=lambda r: (r.f1, r.margin, -r.layer))
+    else:
+        best = max(results, key=lambda r: (r.recall, -r.fpr, r.margin, -r.layer))
     metrics = {k: float(v) for k, v in asdict(best).items() if k != "layer"}
-    metrics.update(num_harmful=float(len(harmful)), num_harmless=float(len(harmless)))
+    metrics.update(num_harmful=float(len(harmful)), num_harmless=float(len(harmless)), fpr=best.fpr)
+    if max_fpr is not None:
+        metrics["max_fpr"] = float(max_fpr)
     src = dict(source or {})
     if not src and hasattr(vectors, "manifest"):
         m = vectors.manifest
@@ -301,6 +329,7 @@ def calibrate_gate_from_prompts(
     batch_size: int = 8,
     progress: bool = True,
     path: str | None = None,
+    max_fpr: float | None = None,
 ) -> GateCalibration:
     """:func:`calibrate_gate` on activations read from ``model`` for held-out prompts.
 
@@ -315,4 +344,4 @@ def calibrate_gate_from_prompts(
     record = model_record(model, path, processor)
     if processor is None:
         record["chat_template_sha256"] = getattr(prepare, "template_sha256", None)
-    return calibrate_gate(vectors, pos, neg, layers=wanted, source=record)
+    return calibrate_gate(vectors, pos, neg, layers=wanted, source=record, max_fpr=max_fpr)

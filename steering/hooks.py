@@ -42,6 +42,7 @@ and at every forward pass inside the context:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +56,7 @@ from .extract import read_last_token
 from .gate import Gate
 from .layers import LayerInfo, find_decoder_layers, layer_device, layer_dtype
 
-__all__ = ["SteeringHandle", "check_steerable", "compute_gate", "steer"]
+__all__ = ["POSITIONS", "SCALES", "SteeringHandle", "activation_norms", "addends", "check_steerable", "compute_gate", "steer"]
 
 _FIX = ("set model.generation_config.disable_compile = True (or cache_implementation = 'dynamic'); "
         "steering needs eager execution because compiled graphs can skip Python hooks")
@@ -164,18 +165,16 @@ class SteeringHandle:
 class _Steerer:
     """The state behind one :func:`steer` context; hooks close over it."""
 
-    def __init__(self, model: nn.Module, info: LayerInfo, vectors: Mapping[int, torch.Tensor], alpha: float,
-                 gate: Any, layers: list[int], handle: SteeringHandle) -> None:
+    def __init__(self, model: nn.Module, info: LayerInfo, addends: Mapping[int, torch.Tensor],
+                 gate: Any, layers: list[int], handle: SteeringHandle, positions: str = "all") -> None:
         self.model, self.info, self.handle = model, info, handle
         self.layers = layers
+        self.positions = positions
         self.bypass = False
         self.cuda = torch.cuda.is_available()  # asked once: the capture check runs every forward
         self.gate_obj: Gate | None = gate if isinstance(gate, Gate) else None
-        # Each vector goes to its layer's device once, here; alpha folded in, kept fp32 until g is known.
-        self.base = {}
-        for i in layers:
-            layer = info.layers[i]
-            self.base[i] = (float(alpha) * vectors[i].detach().float()).to(layer_device(layer))
+        # Each addend goes to its layer's device once, here (alpha folded in), kept fp32 until g is known.
+        self.base = {i: addends[i].detach().float().to(layer_device(info.layers[i])) for i in layers}
         self.dtypes = {i: layer_dtype(info.layers[i]) for i in layers}
         # addend[i]: what layer i adds ([H] or [B, 1, H] in the layer's dtype); None = add nothing.
         self.addend: dict[int, torch.Tensor | None] = {}
@@ -270,9 +269,54 @@ class _Steerer:
             add = self._addend_for(i, hidden)
             if add is None:
                 return None
+            if self.positions == "generated" and hidden.shape[1] > 1:
+                # Prefill: only the last prompt position (it produces the first answer token); the
+                # prompt's own activations, and so its KV cache, stay those of the bare model.
+                hidden = hidden.clone()
+                hidden[:, -1:] += add if add.dim() == 3 else add.view(1, 1, -1)
+                return with_hidden(output, hidden)
             return with_hidden(output, hidden + add)
 
         return hook
+
+
+SCALES = ("absolute", "relative")
+POSITIONS = ("all", "generated")
+
+
+def activation_norms(vectors: Any) -> dict[int, float] | None:
+    """Mean last-token activation norm per layer recorded at extraction, or None (older vectors)."""
+    manifest = getattr(vectors, "manifest", None)
+    norms = (getattr(manifest, "extra", None) or {}).get("activation_norms")
+    return None if norms is None else {int(k): float(v) for k, v in norms.items()}
+
+
+def addends(vectors: Any, alpha: float, layers: Sequence[int], scale: str = "absolute") -> dict[int, torch.Tensor]:
+    """What each steered layer adds per row (before the gate), float32 ``[H]``.
+
+    Why "relative": an addition to a layer's output stays in the residual stream for every later
+    layer, and consecutive mean-difference vectors point the same way (cosine 0.8-0.94 between
+    neighbours on Qwen2.5-0.5B), so steering k layers adds about k times one vector; their norms also
+    grow with depth (0.2 to 26 there, activations 5 to 110). Absolute alpha on many layers therefore
+    swamps the activations (the paper's every-layer variant writes "contacting contacting ..." there).
+    """
+    table, _ = _vectors_of(vectors)
+    if scale == "absolute":
+        return {i: float(alpha) * table[i].detach().float() for i in layers}
+    if scale != "relative":
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    norms = activation_norms(vectors)
+    if norms is None or any(i not in norms for i in layers):
+        raise ValueError("scale='relative' needs the activation norms recorded at extraction (manifest "
+                         "extra['activation_norms']); extract the vectors again with this version")
+    out = {}
+    for i in layers:
+        v = table[i].detach().float()
+        n = float(v.norm())
+        if n == 0 or not math.isfinite(n):
+            raise ValueError(f"the vector at layer {i} is zero or not finite; it has no direction to steer along")
+        out[i] = (float(alpha) * norms[i] / len(layers) / n) * v
+    return out
 
 
 def _only_when(when: Callable[[], bool] | None, hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -303,6 +347,8 @@ def steer(
     *,
     path: str | None = None,
     when: Callable[[], bool] | None = None,
+    scale: str = "absolute",
+    positions: str = "all",
 ) -> Iterator[SteeringHandle]:
     """Add ``alpha * g * theta_l`` to the output of each steered decoder layer, for this block only.
 
@@ -312,6 +358,12 @@ def steer(
     ``generate`` call when the gate is a :class:`Gate` (it is decided once, at the first forward).
     ``when``: the hooks act only on forwards where it returns True (e.g. only the thread or call that
     opened the block; others sharing the model pass through unsteered).
+
+    ``scale`` (see :func:`addends`): "absolute" adds ``alpha * theta_l`` (the paper); "relative" adds
+    ``alpha / k * n_l * theta_l / |theta_l|`` over the ``k`` steered layers, ``n_l`` the mean activation
+    norm recorded at extraction, so ``alpha`` is a fraction of the activation norm whatever the layer
+    and however many layers are steered. ``positions``: "all" (the paper) or "generated" (the last
+    prompt position and every generated one: the prompt's activations stay the bare model's).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"steer needs a torch nn.Module, got {type(model).__name__}")
@@ -344,8 +396,10 @@ def steer(
         mode = "fixed"
     check_steerable(model, [info.layers[i] for i in chosen])
 
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     handle = SteeringHandle(layers=chosen, alpha=float(alpha), gate_mode=mode, notes=notes)
-    state = _Steerer(model, info, table, alpha, gate, chosen, handle)
+    state = _Steerer(model, info, addends(vectors, alpha, chosen, scale), gate, chosen, handle, positions)
     hooked = set(chosen)
     if mode == "prefill-hook":
         hooked.add(gate.layer)  # type: ignore[union-attr]

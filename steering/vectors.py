@@ -135,8 +135,12 @@ class SteeringVectors:
         if chat_template_sha256 is not None:
             record["chat_template_sha256"] = chat_template_sha256
         dtype = next((str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()), "")
+        # Mean last-token activation norm per layer over both sets: what scale='relative' measures alpha against.
+        norms = {str(layer): float(torch.cat([harmful.values[:, k], harmless.values[:, k]]).float().norm(dim=-1).mean())
+                 for k, layer in enumerate(harmful.layer_indices) if layer in vectors}
         manifest = Manifest(**record, layer_indices=list(vectors), method=method, normalization=normalize,
-                            num_harmful=len(harmful), num_harmless=len(harmless), dtype=dtype)
+                            num_harmful=len(harmful), num_harmless=len(harmless), dtype=dtype,
+                            extra={"activation_norms": norms})
         return cls(vectors=vectors, manifest=manifest)
 
     # -- persistence ------------------------------------------------------------------------
@@ -203,6 +207,23 @@ class SteeringVectors:
         if gate is not None and gate.hidden_size != self.manifest.hidden_size:
             raise ValueError(f"hidden size {gate.hidden_size} in gate vs {self.manifest.hidden_size} in vectors")
         return SteeringVectors(vectors=dict(self.vectors), manifest=self.manifest, gate=gate)
+
+
+    def with_choice(self, calibration: Any) -> SteeringVectors:
+        """The same vectors with a :class:`~steering.tune.SteeringCalibration`'s choice recorded in the
+        manifest (``extra``: alpha, layers, scale, positions and every trial), which InferAligner reads.
+
+        Refuses a calibration with no fluent candidate: a configuration that garbles is never written.
+        """
+        best = calibration.best
+        if best is None:
+            raise ValueError("no steering candidate was fluent on the calibration prompts (every one garbled or raised "
+                             "the bare model's NLL too much):\n" + calibration.table() + "\ntry smaller alphas or "
+                             "other layers; nothing was recorded")
+        extra = {**self.manifest.extra, "alpha": best.alpha, "layers": list(best.layers), "scale": best.scale,
+                 "positions": best.positions, "steering_calibration": calibration.to_dict()}
+        manifest = Manifest(**{**self.manifest.to_dict(), "extra": extra})
+        return SteeringVectors(vectors=dict(self.vectors), manifest=manifest, gate=self.gate)
 
 
 def extract_steering_vectors(

@@ -72,7 +72,7 @@ def test_extract_then_calibrate(arch, tmp_path, prompt_files, capsys):
     sv = SteeringVectors.load(out)
     assert sv.manifest.method == "pca" and sv.manifest.num_layers == 2 and sv.gate is None
     assert sv.manifest.model_class == ("LlavaForConditionalGeneration" if arch == "llava" else "LlamaForCausalLM")
-    assert main(["calibrate", *common, "--vectors", str(out), "--layers", "0-1"]) == 0
+    assert main(["calibrate", *common, "--vectors", str(out), "--layers", "0-1", "--gate-only"]) == 0
     printed = capsys.readouterr().out
     assert "precision" in printed and "gate: layer" in printed
     gate = Gate.load(out)
@@ -93,3 +93,31 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "steering", "extract", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "--harmful" in out.stdout and "--method" in out.stdout
+
+
+def test_calibrate_with_hard_negatives_and_steering(tmp_path, prompt_files, capsys):
+    """The whole calibration: gate at a false-positive budget (hard negatives reported apart), then
+    steering layers/alpha chosen by generating, recorded in the manifest, or a clear refusal."""
+    model_dir = save_tiny("llama", tmp_path / "model")
+    out = tmp_path / "vectors"
+    (prompt_files / "hard.txt").write_text("How do I kill a Python process?\nHow do I shoot a photo at night?\n")
+    common = ["--model", str(model_dir), "--harmful", str(prompt_files / "harmful.csv"),
+              "--harmless", str(prompt_files / "harmless.txt"), "--batch-size", "4", "--no-progress"]
+    assert main(["extract", *common, "--out", str(out)]) == 0
+    capsys.readouterr()
+    rc = main(["calibrate", *common, "--vectors", str(out), "--hard-negatives", str(prompt_files / "hard.txt"),
+               "--max-fpr", "0.25", "--steer-layers", "0,1", "--alphas", "0.5", "--max-new-tokens", "6"])
+    printed = capsys.readouterr()
+    assert "hard negatives:" in printed.out and "fpr" in printed.out
+    if rc == 0:  # a fluent candidate was found: its choice is in the manifest, with every trial
+        sv = SteeringVectors.load(out)
+        extra = sv.manifest.extra
+        assert extra["scale"] == "relative" and extra["positions"] == "generated" and extra["alpha"] == 0.5
+        assert extra["layers"] in ([0], [1]) and len(extra["steering_calibration"]["trials"]) == 2
+        assert sv.gate is not None and sv.gate.metrics["max_fpr"] == 0.25 and sv.gate.metrics["fpr"] <= 0.25
+        assert 0 <= sv.gate.metrics["hard_negative_fpr"] <= 1 and sv.gate.metrics["num_hard_negatives"] == 2
+    else:  # random weights may garble at every candidate: then nothing is written, and the error says why
+        assert rc == 2 and "nothing was written" in printed.err
+        assert "steering_calibration" not in SteeringVectors.load(out).manifest.extra
+    assert main(["calibrate", *common, "--vectors", str(out), "--max-fpr", "1.5", "--gate-only"]) == 2
+    assert "--max-fpr is a false-positive rate" in capsys.readouterr().err

@@ -41,6 +41,8 @@ from steering.extract import template_hashes
 #: where the gate comes from, as resolved in the config ("auto" in ``__init__`` picks one of these)
 GateSource = Literal["given", "vectors", "none"]
 GATE_SOURCES: tuple[str, ...] = ("auto", *get_args(GateSource))
+Scale = Literal["absolute", "relative"]
+Positions = Literal["all", "generated"]
 
 _HOOKS_FILE = os.path.join("steering", "hooks.py")
 
@@ -64,6 +66,11 @@ class InferAlignerConfig(Config):
     path: str | None = None
     alpha_origin: str = "argument"
     layers_origin: str = "argument"
+    #: "absolute" adds alpha * theta_l (the paper); "relative" measures alpha against each layer's
+    #: activation norm and splits it over the steered layers (steering.hooks.addends says why)
+    scale: Scale = "absolute"
+    #: "all" positions (the paper) or "generated" (last prompt position and the answer only)
+    positions: Positions = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,6 +129,11 @@ class InferAligner(Defense):
       one, else 1.0 (mean-difference vectors: one harmful-minus-harmless mean shift).
     - ``layers``: which of the vectors' layers to steer; ``None`` takes ``manifest.extra["layers"]``
       when recorded, else every layer the vectors cover.
+    - ``scale`` / ``positions``: how alpha is measured and where it is added; ``None`` takes what the
+      calibration recorded (``python -m steering calibrate``), else the paper's "absolute" / "all".
+      The paper's variant adds ``alpha * theta_l`` at every layer and position; on real models that
+      swamps the residual stream (see ``steering.hooks.addends``): calibrate, which picks a
+      "relative" scale on "generated" positions at measured layers.
     - ``strict_template``: refuse (True) or warn about (False) a chat template whose hash differs
       from the one the vectors or the gate were computed with (checked at the first call).
     - ``path``: the decoder-layer path when auto-detection fails (as ``wrap(layers_path=)``).
@@ -136,6 +148,7 @@ class InferAligner(Defense):
 
     def __init__(self, vectors: SteeringVectors, gate: Gate | None = None, alpha: float | None = None,
                  layers: Sequence[int] | int | str | None = None, gate_source: str = "auto", *,
+                 scale: Scale | None = None, positions: Positions | None = None,
                  strict_template: bool = InferAlignerConfig.strict_template, path: str | None = InferAlignerConfig.path,
                  name: str | None = None):
         super().__init__(name)
@@ -179,15 +192,20 @@ class InferAligner(Defense):
         if missing:
             raise ValueError(f"{self.name}: no steering vector for layers {missing}; "
                              f"the vectors cover {vectors.layers}")
+        # Scale and positions follow the recorded calibration when not given (the paper's otherwise):
+        # an alpha calibrated as "relative" means something else as "absolute".
+        scale = scale if scale is not None else extra.get("scale", InferAlignerConfig.scale)
+        positions = positions if positions is not None else extra.get("positions", InferAlignerConfig.positions)
         self.config = InferAlignerConfig(alpha=alpha, layers=tuple(sorted(set(chosen))), gate_source=gate_source,
                                          strict_template=strict_template, path=path, alpha_origin=alpha_origin,
-                                         layers_origin=layers_origin)
+                                         layers_origin=layers_origin, scale=scale, positions=positions)
         self._template_checked: set[int] = set()
         self._notes: list[str] = []
 
     @classmethod
     def from_spec(cls, vectors: str | None = None, gate: str | None = None, **options: Any) -> InferAligner:
         """Spec options: ``vectors=DIR`` (required), ``gate=DIR``, ``alpha=4``, ``layers=8;9;10`` or ``8-10``,
+        ``scale=absolute|relative``, ``positions=all|generated``,
         ``gate_source=auto|vectors|none``, ``strict_template=false``, ``path=model.layers``.
 
         >>> build_defenses("inferaligner:vectors=runs/sv,gate=runs/gate,alpha=4,layers=2-5")
@@ -320,7 +338,8 @@ class InferAligner(Defense):
         # defense in errors that steering's forward-time checks raise from inside generate.
         stack.push(self._name_errors)
         handle = stack.enter_context(steer(model, self.vectors, alpha=self.config.alpha, gate=self.gate,
-                                           layers=self.config.layers, path=self.config.path, when=ctx.is_active))
+                                           layers=self.config.layers, path=self.config.path, when=ctx.is_active,
+                                           scale=self.config.scale, positions=self.config.positions))
         ctx.state[self.name] = {"handle": handle}
 
     def _name_errors(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
@@ -338,6 +357,8 @@ class InferAligner(Defense):
         base = {
             "alpha": self.config.alpha,
             "alpha_origin": self.config.alpha_origin,
+            "scale": self.config.scale,
+            "positions": self.config.positions,
             "layers": list(self.config.layers),
             "gate_source": self.config.gate_source,
             "gate_layer": self.gate.layer if self.gate is not None else None,
