@@ -47,6 +47,15 @@ Positions = Literal["all", "generated"]
 _HOOKS_FILE = os.path.join("steering", "hooks.py")
 
 
+#: calibrated vectors + gate shipped per fetched model (see the README in each folder)
+PRESET_DIR = Path(__file__).resolve().parent / "presets" / "inferaligner"
+
+
+def presets() -> list[str]:
+    """Names of the models with a shipped InferAligner calibration."""
+    return sorted(p.name for p in PRESET_DIR.glob("*") if (p / "manifest.json").is_file()) if PRESET_DIR.is_dir() else []
+
+
 def _short(h: str | None) -> str | None:
     return None if h is None else h[:12]
 
@@ -203,16 +212,32 @@ class InferAligner(Defense):
         self._notes: list[str] = []
 
     @classmethod
-    def from_spec(cls, vectors: str | None = None, gate: str | None = None, **options: Any) -> InferAligner:
-        """Spec options: ``vectors=DIR`` (required), ``gate=DIR``, ``alpha=4``, ``layers=8;9;10`` or ``8-10``,
-        ``scale=absolute|relative``, ``positions=all|generated``,
+    def preset(cls, model: str, **options: Any) -> InferAligner:
+        """The calibrated vectors and gate shipped for a fetched model (``PRESETS``), e.g.
+        ``InferAligner.preset("qwen2.5-coder-0.5b-instruct")``; ``options`` override the recorded choice."""
+        folder = PRESET_DIR / model
+        if not (folder / "manifest.json").is_file():
+            raise ValueError(f"no InferAligner preset for {model!r}; presets: {', '.join(presets()) or 'none'} "
+                             "(or calibrate your own: python -m steering extract, then python -m steering calibrate)")
+        return cls(SteeringVectors.load(folder), **options)
+
+    @classmethod
+    def from_spec(cls, vectors: str | None = None, gate: str | None = None, preset: str | None = None,
+                  **options: Any) -> InferAligner:
+        """Spec options: ``vectors=DIR`` or ``preset=MODEL`` (one is required), ``gate=DIR``, ``alpha=4``,
+        ``layers=8;9;10`` or ``8-10``, ``scale=absolute|relative``, ``positions=all|generated``,
         ``gate_source=auto|vectors|none``, ``strict_template=false``, ``path=model.layers``.
 
         >>> build_defenses("inferaligner:vectors=runs/sv,gate=runs/gate,alpha=4,layers=2-5")
+        >>> build_defenses("inferaligner:preset=qwen2.5-coder-0.5b-instruct")
         """
+        if preset:
+            if vectors or gate:
+                raise ValueError("inferaligner takes preset=MODEL or vectors=DIR (and gate=DIR), not both")
+            return cls.preset(preset, **options)
         if not vectors:
             raise ValueError("inferaligner needs vectors=DIR (a folder written by SteeringVectors.save or "
-                             "`python -m steering extract`)")
+                             "`python -m steering extract`) or preset=MODEL (" + (", ".join(presets()) or "none shipped") + ")")
         # The vectors' gate is needed unless a gate is given or gate_source excludes it (absent: "auto").
         sv = SteeringVectors.load(Path(vectors), with_gate=gate is None and options.get("gate_source") not in ("given", "none"))
         g = Gate.load(Path(gate)) if gate else None
