@@ -33,9 +33,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # Must precede the first transformers import anywhere, or a hub id lookup retries for minutes.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,7 +16,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ._cli import ArgumentParser, CliError, entry_point, positive_int

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 # A prompt is a user string or a whole conversation (list of {"role", "content"} messages).
-Prompt = Union[str, Sequence[Mapping[str, Any]]]
+Prompt = Union[str, Sequence[Mapping[str, Any]]]  # noqa: UP007 (public runtime alias: kept a typing.Union object)
 READ_POSITION = "last_prompt_token"
 _MEDIA_TYPES = ("image", "video", "audio")
 

@@ -18,11 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from steering._files import naming, save_tensors, write_json
-
 from guardrails.classifiers._common import encode
 from guardrails.classifiers.base import HarmClassifier, HarmScore
-from guardrails.config import Config
 from guardrails.classifiers.embedding import (
     FORMAT_VERSION,
     HEAD_FILE,
@@ -33,6 +30,8 @@ from guardrails.classifiers.embedding import (
     read_probe_dir,
     sha256_file,
 )
+from guardrails.config import Config
+from steering._files import naming, save_tensors, write_json
 
 KIND = "prompt-response-detector"
 HEADS = ("prompt", "response", "stack")

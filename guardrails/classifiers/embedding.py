@@ -15,11 +15,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from steering._files import load_tensors, naming, read_json, save_tensors, write_json
-
 from guardrails.classifiers._common import QA_FORMAT, TEXT_ONLY_FORMAT, check_format, encode, format_rows
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.config import Config
+from steering._files import load_tensors, naming, read_json, save_tensors, write_json
 
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
@@ -217,7 +216,7 @@ class EmbeddingProbe(HarmClassifier):
         q = np.zeros_like(r)
         if has_q.any():
             qs = [queries[i] for i in np.flatnonzero(has_q)]  # type: ignore[index]
-            for i, x in enumerate(qs):
+            for x in qs:
                 if not isinstance(x, str):
                     raise TypeError(f"queries must be str or None, got {type(x).__name__}")
             q[has_q] = self.embed(qs)

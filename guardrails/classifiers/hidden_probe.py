@@ -34,12 +34,11 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from steering._files import naming, save_tensors, write_json
-
 from guardrails.calls import ModelCalls, scoped_hook
-from guardrails.classifiers.embedding import LinearHead, check_n_features, read_probe_dir, sha256_file
 from guardrails.classifiers.base import HarmClassifier, HarmScore
+from guardrails.classifiers.embedding import LinearHead, check_n_features, read_probe_dir, sha256_file
 from guardrails.config import Config
+from steering._files import naming, save_tensors, write_json
 
 __all__ = ["HiddenStateProbe", "HiddenProbeConfig", "HiddenCapture", "POOLINGS"]
 

@@ -41,10 +41,10 @@ import numpy as np
 
 import prompts
 from guardrails import conversation as conv_mod
+from guardrails.calls import ModelCalls
 from guardrails.config import Config
 from guardrails.conversation import Conversation
 from guardrails.defense import CallContext, Defense, Row
-from guardrails.calls import ModelCalls
 from guardrails.defenses._placement import Placement, place
 from guardrails.results import Verdict
 

@@ -29,8 +29,8 @@ from transformers import StoppingCriteria
 
 import prompts
 from guardrails import conversation as conv_mod
-from guardrails.classifiers.base import HarmClassifier
 from guardrails.calls import ModelCalls
+from guardrails.classifiers.base import HarmClassifier
 from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Refusal, Requirements, Row
 from guardrails.results import Verdict, check_threshold
@@ -273,7 +273,7 @@ class OCRScreen(Defense):
         queries = [conv_mod.last_user_text(rows[i].conversation) for i in idx]
         scored = dict(zip(idx, self.score([reads[i][0] for i in idx], queries, ctx.calls))) if idx else {}
         out = []
-        for i, (r, (text, info)) in enumerate(zip(rows, reads)):
+        for i, (_row, (text, info)) in enumerate(zip(rows, reads)):
             score, flagged = scored.get(i, (None, False))
             v = self._verdict(score, flagged, text, info, action if flagged else "pass")
             out.append(Refusal(v, self.refusal_text) if flagged and refuse else v)

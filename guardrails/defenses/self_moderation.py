@@ -33,8 +33,8 @@ from typing import Any, ClassVar, Literal, get_args
 
 import prompts
 from guardrails import conversation as conv_mod
-from guardrails.classifiers.base import HarmClassifier
 from guardrails.calls import ModelCalls
+from guardrails.classifiers.base import HarmClassifier
 from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config

@@ -23,7 +23,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-FontLike = Union[str, os.PathLike, ImageFont.FreeTypeFont, None]
+FontLike = Union[str, os.PathLike, ImageFont.FreeTypeFont, None]  # noqa: UP007 (public runtime alias: kept a typing.Union object)
 
 # Monospaced bold like FigStep's FreeMonoBold. DejaVu first, not FreeMono, so the default
 # image is the same on every machine with fonts-dejavu-core (fontconfig pulls it in on Debian).
