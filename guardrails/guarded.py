@@ -274,7 +274,7 @@ class GuardedModel:
             for b, r in enumerate(active):
                 r.batch_index = b
             if active:
-                ctx.inputs = self.engine.encode([r.conversation for r in active])
+                ctx.inputs = self.engine.encode([r.conv for r in active])
                 ctx.prompt_len = ctx.inputs["input_ids"].shape[1]
         if active:
             ctx.stop_flags = torch.zeros(len(active), dtype=torch.bool)

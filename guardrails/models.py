@@ -328,6 +328,7 @@ def _pip_download(entry: ModelEntry, dest: Path, pip_args: list[str], progress: 
             "reachable (pip config, PIP_INDEX_URL) or pass extra pip arguments in GUARDRAILS_PIP_ARGS"
         )
     found = {}
+    f: Path | None
     for f in dest.glob("*.whl"):
         dist, version = f.name.split("-")[:2]
         found[(_canonical(dist), version)] = f

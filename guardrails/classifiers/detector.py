@@ -169,7 +169,8 @@ class PromptResponseDetector(HarmClassifier):
             if man.get("kind") != KIND:
                 raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
             heads = {h: LinearHead.from_tensors(tensors, prefix=f"{h}.") for h in HEADS}
-            declared = man.get("heads") if isinstance(man.get("heads"), dict) else {}
+            declared = man.get("heads")
+            declared = declared if isinstance(declared, dict) else {}
             for h in HEADS:
                 entry = declared.get(h)
                 check_n_features(directory, entry.get("n_features") if isinstance(entry, dict) else None,

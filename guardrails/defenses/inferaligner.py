@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, cast, get_args
 
 from guardrails._compat import STATIC_CACHE_IMPLEMENTATIONS, get_cache, is_static_cache
 from guardrails.config import Config
@@ -179,7 +179,8 @@ class InferAligner(Defense):
         if missing:
             raise ValueError(f"{self.name}: no steering vector for layers {missing}; "
                              f"the vectors cover {vectors.layers}")
-        self.config = InferAlignerConfig(alpha=alpha, layers=tuple(sorted(set(chosen))), gate_source=gate_source,
+        self.config = InferAlignerConfig(alpha=alpha, layers=tuple(sorted(set(chosen))),
+                                         gate_source=cast(GateSource, gate_source),  # "auto" resolved above
                                          strict_template=strict_template, path=path, alpha_origin=alpha_origin,
                                          layers_origin=layers_origin)
         self._template_checked: set[int] = set()
