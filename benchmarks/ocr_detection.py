@@ -23,9 +23,9 @@ import shlex
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Sequence
 
 from guardrails._cli import ArgumentParser, entry_point
 

@@ -26,10 +26,10 @@ import statistics
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Sequence
 
 from guardrails._cli import ArgumentParser, entry_point
 

@@ -8,9 +8,25 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# What type checkers see (`X as X`: re-exported); at run time __getattr__ imports on first use. Keep in step with _EXPORTS.
+if TYPE_CHECKING:
+    from guardrails.calls import ModelCalls as ModelCalls
+    from guardrails.defense import CallContext as CallContext
+    from guardrails.defense import Defense as Defense
+    from guardrails.defense import Refusal as Refusal
+    from guardrails.defense import Requirements as Requirements
+    from guardrails.defense import Row as Row
+    from guardrails.guarded import CallRecord as CallRecord
+    from guardrails.guarded import GuardedModel as GuardedModel
+    from guardrails.guarded import GuardedStream as GuardedStream
+    from guardrails.guarded import wrap as wrap
+    from guardrails.loading import load as load
+    from guardrails.results import GuardedResult as GuardedResult
+    from guardrails.results import Verdict as Verdict
 
 # Imported on first use: `import guardrails.ocr` or the CLI should not pay for torch + transformers.
 _EXPORTS = {

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 
 from guardrails._cli import ArgumentParser, entry_point
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @entry_point
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a bad argument or file prints one ``error:`` line and returns 2 (see guardrails._cli)."""
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)

@@ -158,7 +158,7 @@ def model_forward(model: Any, inputs: dict[str, torch.Tensor], *, start: int = 0
     Mask-derived positions make a padded row compute what it would alone, as ``generate`` does;
     without them, absolute-position models (GPT-2) shift with the padding.
     """
-    args = dict(inputs)
+    args: dict[str, Any] = dict(inputs)
     mask = inputs["attention_mask"]
     args["input_ids"] = inputs["input_ids"][:, start:]
     if start:
@@ -180,7 +180,7 @@ def model_forward(model: Any, inputs: dict[str, torch.Tensor], *, start: int = 0
 
 
 def _hook_ids(model: torch.nn.Module) -> set[tuple[int, str, int]]:
-    out = set()
+    out: set[tuple[int, str, int]] = set()
     for m in model.modules():
         out.update((id(m), "fwd", k) for k in m._forward_hooks)
         out.update((id(m), "pre", k) for k in m._forward_pre_hooks)
@@ -386,6 +386,7 @@ class ModelCalls:
                 return f"cache layer {k} ({type(layer).__name__}) holds no plain key/value tensors"
             if keys.shape[-2] != layer.get_seq_length() or layer.get_seq_length() != total:
                 return f"cache layer {k} ({type(layer).__name__}) dropped tokens (sliding window)"
+        assert isinstance(keys, torch.Tensor)  # the last layer's, checked in the loop
         active = ctx.active
         if keys.shape[0] != len(active):
             return f"the cache holds {keys.shape[0]} rows for {len(active)} generated rows"

@@ -77,7 +77,7 @@ class Config:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            allowed = choices_of(_hints(type(self)).get(f.name))
+            allowed = choices_of(_hints(type(self)).get(f.name))  # type: ignore[arg-type]  # a class is hashable; mypy reads type[Config] as not
             value = getattr(self, f.name)
             # `type(...)` too: True == 1, and 1 must not pass for Literal[True]
             if allowed is not None and not any(value == a and type(value) is type(a) for a in allowed):
@@ -101,7 +101,7 @@ class Config:
         missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"{cls.__name__} needs {', '.join(map(repr, missing))}; got {', '.join(d) or 'no keys'}")
-        hints = _hints(cls)
+        hints = _hints(cls)  # type: ignore[arg-type]  # as in __post_init__
         # JSON has no tuples: give tuple fields their type back so a round trip compares equal.
         kw = {k: tuple(v) if isinstance(v, list) and _is_tuple(hints.get(k)) else v for k, v in d.items()}
         return cls(**kw)

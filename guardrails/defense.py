@@ -72,6 +72,13 @@ class Row:
             self.original_text = self.text
         self.refused, self.refused_by, self.text = True, by, text
 
+    @property
+    def conv(self) -> Conversation:
+        """``conversation``, never None: the before/after stages only run on chat/stream rows."""
+        if self.conversation is None:
+            raise ValueError(f"row {self.index} has no conversation (generate() rows hold only token ids)")
+        return self.conversation
+
     def rewrite(self, text: str) -> None:
         """Replace the answer, keeping the model's own answer in ``original_text``."""
         if self.original_text is None:
@@ -117,7 +124,7 @@ class CallContext:
     """Everything one call's stages share: rows, the engine, the model-call service, and what
     generate will receive. One per call: nothing here is shared with another call."""
 
-    def __init__(self, engine: Engine | None, mode: str, rows: list[Row], generate_kwargs: dict[str, Any]):
+    def __init__(self, engine: Engine, mode: str, rows: list[Row], generate_kwargs: dict[str, Any]):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.engine = engine
@@ -143,7 +150,7 @@ class CallContext:
     @property
     def active(self) -> list[Row]:
         """Rows in the generated batch, in batch order."""
-        return sorted((r for r in self.rows if r.batch_index is not None), key=lambda r: r.batch_index)
+        return sorted((r for r in self.rows if r.batch_index is not None), key=lambda r: r.batch_index or 0)
 
     def stop_row(self, row: Row, at: int | None = None) -> None:
         """Stop generating ``row`` now; the other rows continue untouched."""
@@ -209,7 +216,8 @@ class Defense:
         if shadowed:  # an instance attribute would be a second, undocumented way to declare them
             raise TypeError(f"{self.name} sets {', '.join(shadowed)} on the instance; capabilities are class "
                             "attributes, or override requirements() when they depend on the arguments")
-        stages = tuple(s for s, m in (("before", "_before"), ("during", "_during"), ("after", "_after")) if self._overrides(m))
+        order: tuple[tuple[Stage, str], ...] = (("before", "_before"), ("during", "_during"), ("after", "_after"))
+        stages = tuple(s for s, m in order if self._overrides(m))
         cls = type(self)
         return Requirements(cls.needs_hidden_states, frozenset(cls.modalities), cls.supports_streaming, stages)
 
@@ -241,8 +249,9 @@ class Defense:
         Called once per ``wrap()``, after every defense's ``check_model`` has passed."""
 
     # -- protected stages: override these ----------------------------------------------------
-    def _before(self, ctx: CallContext, rows: list[Row]) -> Sequence[Verdict | None] | None:
-        """Edit ``row.conversation`` or call ``row.refuse``; return a verdict per row (None = pass)."""
+    def _before(self, ctx: CallContext, rows: list[Row]) -> Sequence[Verdict | Refusal | None] | None:
+        """Edit ``row.conversation`` or call ``row.refuse``; return a verdict per row (None = pass; a
+        :class:`Refusal` refuses the row, as from ``_during_verdicts``)."""
         raise NotImplementedError
 
     def _during(self, ctx: CallContext, stack: contextlib.ExitStack) -> None:

@@ -41,7 +41,8 @@ class Engine:
 
     def __init__(self, model: Any, processor: Any | None):
         self.model = model
-        self.processor = processor
+        #: None (and so the tokenizer) for a generate()-only wrapper; the chat paths check first (_require_template)
+        self.processor: Any = processor
         self.multimodal = is_multimodal(model)
         if self.multimodal and processor is None:
             raise ValueError(
@@ -56,7 +57,7 @@ class Engine:
                 "images would never reach the model; pass its processor, e.g. "
                 "wrap(model, AutoProcessor.from_pretrained(model_id), ...), not its tokenizer"
             )
-        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer: Any = getattr(processor, "tokenizer", processor)
         if processor is not None and self.tokenizer is None:
             raise TypeError(f"processor {type(processor).__name__} has no tokenizer; pass the model's processor or tokenizer")
 
@@ -106,6 +107,7 @@ class Engine:
         # Left padding keeps every row's last prompt token at position -1, which batched generation
         # and last-token reads rely on. Asked for per call: the tokenizer may be shared across threads.
         # Processors take tokenizer options in processor_kwargs; tokenizers in tokenizer_kwargs.
+        padding: dict[str, Any]
         if isinstance(self.processor, ProcessorMixin):
             padding = {"processor_kwargs": {"padding": True, "padding_side": "left"}}
         else:

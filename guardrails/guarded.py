@@ -37,7 +37,6 @@ from guardrails.defense import CallContext, Defense, Row
 from guardrails.engine import Engine
 from guardrails.results import GuardedResult, Verdict
 
-
 #: generate() options with their smallest value: a wrong type fails deep inside transformers, if at all
 _INT_OPTIONS = {"max_new_tokens": 1, "max_length": 1, "min_new_tokens": 0, "min_length": 0, "num_beams": 1,
                 "num_return_sequences": 1, "top_k": 0}
@@ -275,7 +274,7 @@ class GuardedModel:
             for b, r in enumerate(active):
                 r.batch_index = b
             if active:
-                ctx.inputs = self.engine.encode([r.conversation for r in active])
+                ctx.inputs = self.engine.encode([r.conv for r in active])
                 ctx.prompt_len = ctx.inputs["input_ids"].shape[1]
         if active:
             ctx.stop_flags = torch.zeros(len(active), dtype=torch.bool)

@@ -31,10 +31,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from steering._files import expand_user
 
@@ -327,6 +328,7 @@ def _pip_download(entry: ModelEntry, dest: Path, pip_args: list[str], progress: 
             "reachable (pip config, PIP_INDEX_URL) or pass extra pip arguments in GUARDRAILS_PIP_ARGS"
         )
     found = {}
+    f: Path | None
     for f in dest.glob("*.whl"):
         dist, version = f.name.split("-")[:2]
         found[(_canonical(dist), version)] = f

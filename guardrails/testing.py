@@ -33,9 +33,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # Must precede the first transformers import anywhere, or a hub id lookup retries for minutes.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,7 +86,7 @@ _TEXT = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
-_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+_VISION: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,6 +579,11 @@ def _text_cfg(tok, **extra) -> dict[str, Any]:
 def _build(arch: str, tok) -> tuple[Any, Any, str]:
     """(model, processor, layers_path) for ``arch``; the caller seeds torch first."""
     s = IMAGE_SIZE
+    # One name per role across the branches, each a different transformers class.
+    cfg: Any
+    model: Any
+    proc: Any
+    proc_cls: Any
     if arch == "llava":
         patch = 8
         cfg = tf.LlavaConfig(
@@ -643,7 +649,7 @@ def _build(arch: str, tok) -> tuple[Any, Any, str]:
         patch, merge = 4, 2
         head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
         # mrope sections (temporal, height, width) must add up to head_dim / 2.
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         assert sum(rope["mrope_section"]) == head_dim // 2
         text = dict(_text_cfg(tok), rope_parameters=rope)
         common = dict(
@@ -653,7 +659,7 @@ def _build(arch: str, tok) -> tuple[Any, Any, str]:
             vision_end_token_id=tok.vision_end_token_id,
         )
         if arch == "qwen2_vl":
-            vision = dict(depth=2, embed_dim=32, hidden_size=_HIDDEN, mlp_ratio=2, num_heads=2,
+            vision: dict[str, Any] = dict(depth=2, embed_dim=32, hidden_size=_HIDDEN, mlp_ratio=2, num_heads=2,
                           patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2)
             cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **common)
             model = tf.Qwen2VLForConditionalGeneration(cfg)

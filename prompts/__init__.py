@@ -274,7 +274,7 @@ def _index() -> dict[str, Path]:
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name: str) -> PromptTemplate:
     return from_file(_index()[name])
 

@@ -12,7 +12,25 @@ and hooks that live exactly as long as one call. Standalone: it knows nothing of
 __version__ = "0.1.0"
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+# What type checkers see; at run time __getattr__ imports on first use. Keep in step with _EXPORTS.
+if TYPE_CHECKING:
+    from steering.extract import (
+        METHODS,
+        READ_POSITION,
+        Activations,
+        ChatPreparer,
+        compute_directions,
+        extract_activations,
+        last_token_index,
+        read_last_token,
+        template_sha256,
+    )
+    from steering.gate import Gate, GateCalibration, GateLayerResult, calibrate_gate, calibrate_gate_from_prompts
+    from steering.hooks import SteeringHandle, check_steerable, compute_gate, steer
+    from steering.layers import LayerInfo, find_decoder_layers, layer_device, layer_dtype, module_path
+    from steering.vectors import Manifest, SteeringVectors, extract_steering_vectors
 
 # Imported on first use (as guardrails does): the command lines and steering._cli / steering._files,
 # which guardrails' CLI reuses, must not pay for torch + transformers at startup, and

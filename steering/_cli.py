@@ -17,7 +17,7 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = ["USER_ERRORS", "ArgumentParser", "CliError", "entry_point", "one_line", "positive_int"]
 
@@ -62,7 +62,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def entry_point(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Sequence[str] | None], int]:
+class Main(Protocol):
+    """What :func:`entry_point` returns: ``main(argv=None)``, argv defaulting to ``sys.argv[1:]``."""
+
+    def __call__(self, argv: Sequence[str] | None = None) -> int: ...
+
+
+def entry_point(main: Callable[[Sequence[str] | None], int | None]) -> Main:
     """Run ``main(argv)`` with the error conventions of the module docstring; returns the exit status."""
 
     @functools.wraps(main)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ def expand_user(path: str | os.PathLike) -> Path:
 def save_tensors(tensors: dict[str, Any], path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:
     """Write torch tensors or numpy arrays (not mixed) to ``path`` with :data:`ARTIFACT_MODE`."""
     first = next(iter(tensors.values()), None)
+    save_file: Callable[..., None]  # the torch or the numpy flavour, same call
     if type(first).__module__.startswith("torch"):
         from safetensors.torch import save_file
     else:
@@ -47,6 +48,7 @@ def write_json(path: str | os.PathLike, data: Any, **dumps: Any) -> None:
 
 def load_tensors(path: str | os.PathLike, *, fix: str, numpy: bool = False) -> dict[str, Any]:
     """Tensors of a safetensors file; a corrupt or truncated file raises ValueError naming it and ``fix``."""
+    load_file: Callable[..., dict[str, Any]]  # the numpy or the torch flavour, same call
     if numpy:
         from safetensors.numpy import load_file
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+
 from ._files import expand_user
 
 HUB_HOST = "huggingface.co"

@@ -16,7 +16,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ._cli import ArgumentParser, CliError, entry_point, positive_int
@@ -170,7 +169,7 @@ def load_model(model_id: str, *, dtype: str = "auto", device: str = "auto", devi
     except OSError as e:
         raise (unreachable(e) if not local.exists() else CliError(f"cannot load the model in {source}: {e}")) from None
     if not device_map:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' decorator on .to() loses self in its type
     model.eval()
     processor = None
     if multimodal:

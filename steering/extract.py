@@ -16,7 +16,7 @@ import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 # A prompt is a user string or a whole conversation (list of {"role", "content"} messages).
-Prompt = Union[str, Sequence[Mapping[str, Any]]]
+Prompt = Union[str, Sequence[Mapping[str, Any]]]  # noqa: UP007 (public runtime alias: kept a typing.Union object)
 READ_POSITION = "last_prompt_token"
 _MEDIA_TYPES = ("image", "video", "audio")
 
@@ -85,7 +85,7 @@ def _is_multimodal_processor(processor: Any) -> bool:
     try:
         from transformers import PreTrainedTokenizerBase
     except ImportError:  # pragma: no cover - transformers is a dependency
-        PreTrainedTokenizerBase = ()  # type: ignore[assignment]
+        PreTrainedTokenizerBase = ()  # type: ignore[misc, assignment]  # isinstance(x, ()) is False
     return not isinstance(processor, PreTrainedTokenizerBase) and hasattr(processor, "tokenizer")
 
 
@@ -119,7 +119,7 @@ class ChatPreparer:
         if isinstance(prompt, str):
             messages: Sequence[Mapping[str, Any]] = [{"role": "user", "content": prompt}]
         elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt) and len(prompt) > 0:
-            messages = prompt
+            messages = cast(Sequence[Mapping[str, Any]], prompt)  # mypy keeps str in the Prompt union here
         else:
             raise TypeError(f"prompt {index} is a {type(prompt).__name__}; give a string or a non-empty list of "
                             "{'role': ..., 'content': ...} messages")

@@ -87,6 +87,7 @@ def layer_device(layer: nn.Module) -> torch.device:
 
     With ``device_map`` splits each layer can sit on its own device; steering vectors follow it.
     """
+    t: torch.Tensor
     for t in layer.parameters():
         return t.device
     for t in layer.buffers():

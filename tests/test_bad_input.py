@@ -359,7 +359,7 @@ def test_threshold_ranges_agree_across_defenses(value):
         "SelfModeration": lambda t: SelfModeration(threshold=t),
         "ECSO": lambda t: ECSO(threshold=t),
     }
-    for name, make in makers.items():
+    for make in makers.values():
         make(1.0)  # the same valid range everywhere: (0, 1]
         with pytest.raises(ValueError, match=r"threshold must be a probability in \(0, 1\]"):
             make(value)

@@ -26,7 +26,6 @@ from guardrails.classifiers import (  # noqa: E402
 )
 from guardrails.classifiers.guard_model import SHIELDGEMMA_TEMPLATE, parse_categories  # noqa: E402
 
-
 # -- fixtures -------------------------------------------------------------------------------------
 _CORPUS = [
     "how do i bake bread at home with flour water and yeast",

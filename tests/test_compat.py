@@ -48,7 +48,6 @@ def _vectors(t, scale=4.0):
 
 def test_cache_kwarg_is_the_installed_name():
     import transformers
-
     from transformers.generation import GenerationMixin
 
     params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters

@@ -9,9 +9,10 @@ import torch
 
 import prompts
 from guardrails import wrap
-from guardrails.defenses import ECSO
 from guardrails.calls import ModelCalls
-from guardrails.testing import force_yes_no as forced, make_image
+from guardrails.defenses import ECSO
+from guardrails.testing import force_yes_no as forced
+from guardrails.testing import make_image
 
 GEN = {"max_new_tokens": 4, "do_sample": False}
 REFUSAL = prompts.render("refusal_default")

@@ -12,7 +12,8 @@ from guardrails import Defense, wrap
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.defenses import SelfModeration
 from guardrails.defenses._yesno import YesNoTokens
-from guardrails.testing import force_yes_no as forced, ARCHITECTURES, make_image
+from guardrails.testing import ARCHITECTURES, make_image
+from guardrails.testing import force_yes_no as forced
 
 GEN = {"max_new_tokens": 4, "do_sample": False}
 REFUSAL = prompts.render("refusal_default")

@@ -142,8 +142,9 @@ def test_missing_tesseract_program_names_apt_package():
 def test_auto_falls_back_then_fails_with_both_hints(monkeypatch):
     monkeypatch.setitem(sys.modules, "rapidocr", None)
     try:
-        import pytesseract  # noqa: F401
         import shutil
+
+        import pytesseract  # noqa: F401
 
         have_tess = shutil.which("tesseract") is not None
     except ImportError:

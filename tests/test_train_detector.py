@@ -117,7 +117,7 @@ def test_the_same_command_rebuilds_bit_identical_files(mini_data, tmp_path, monk
         assert (tmp_path / "a" / "det" / name).read_bytes() == (tmp_path / "b" / "det" / name).read_bytes(), name
     man = json.loads((tmp_path / "a" / "det" / "manifest.json").read_text())
     # Output folders are not part of the result: only what decides it is recorded.
-    assert man["training"]["command"] == "python -m benchmarks.train_detector --data {} --seed 0 --threads 1 --alpaca-rows 8".format(mini_data)
+    assert man["training"]["command"] == f"python -m benchmarks.train_detector --data {mini_data} --seed 0 --threads 1 --alpaca-rows 8"
 
 
 def test_default_out_is_not_the_shipped_detector():

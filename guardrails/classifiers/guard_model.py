@@ -120,7 +120,7 @@ def normalize_categories(categories: Mapping[str, str] | Sequence[str] | Sequenc
     if isinstance(categories, Mapping):
         table = {str(k): str(v) for k, v in categories.items()}
     else:
-        items = list(categories)
+        items: list[Any] = list(categories)  # checked element by element below
         if all(isinstance(x, str) for x in items):
             table = {f"S{i + 1}": x for i, x in enumerate(items)}
         elif all(isinstance(x, (tuple, list)) and len(x) == 2 for x in items):

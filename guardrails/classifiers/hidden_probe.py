@@ -26,7 +26,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -34,12 +34,11 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from steering._files import naming, save_tensors, write_json
-
 from guardrails.calls import ModelCalls, scoped_hook
-from guardrails.classifiers.embedding import LinearHead, check_n_features, read_probe_dir, sha256_file
 from guardrails.classifiers.base import HarmClassifier, HarmScore
+from guardrails.classifiers.embedding import LinearHead, check_n_features, read_probe_dir, sha256_file
 from guardrails.config import Config
+from steering._files import naming, save_tensors, write_json
 
 __all__ = ["HiddenStateProbe", "HiddenProbeConfig", "HiddenCapture", "POOLINGS"]
 
@@ -131,7 +130,7 @@ class HiddenCapture:
     never count. Everything stays on the layer's device; nothing syncs with the host.
     """
 
-    def __init__(self, batch: int, hidden: int, device: torch.device, stop_ids: Sequence[int], layer_desc: str):
+    def __init__(self, batch: int, hidden: int, device: torch.device, stop_ids: Collection[int], layer_desc: str):
         self.batch, self.hidden, self.layer_desc = batch, hidden, layer_desc
         self.sum = torch.zeros(batch, hidden, dtype=torch.float32, device=device)
         self.last = torch.zeros(batch, hidden, dtype=torch.float32, device=device)
@@ -212,7 +211,7 @@ class HiddenStateProbe(HarmClassifier):
 
     def __init__(self, model: Any = None, processor: Any = None, *, layer: int, pooling: Pooling = HiddenProbeConfig.pooling,
                  layers_path: str | None = HiddenProbeConfig.layers_path, C: float = HiddenProbeConfig.C,
-                 class_weight: str | None = HiddenProbeConfig.class_weight, max_iter: int = HiddenProbeConfig.max_iter,
+                 class_weight: Literal["balanced"] | None = HiddenProbeConfig.class_weight, max_iter: int = HiddenProbeConfig.max_iter,
                  batch_size: int = HiddenProbeConfig.batch_size, name: str | None = None):
         self.config = HiddenProbeConfig(layer=layer, pooling=pooling, C=C, class_weight=class_weight, max_iter=max_iter,
                                         batch_size=batch_size, layers_path=layers_path)
@@ -288,9 +287,11 @@ class HiddenStateProbe(HarmClassifier):
         engine = engine or self.engine
         if engine is None:
             raise RuntimeError("teacher forcing needs the model's processor or tokenizer: probe.bind(model, processor)")
-        if ModelCalls.of(engine).model is not self.model:
+        calls = ModelCalls.of(engine)
+        assert calls is not None  # engine is not None
+        if calls.model is not self.model:
             raise ValueError("the engine given belongs to another model than the one this probe is bound to")
-        return ModelCalls.of(engine)
+        return calls
 
     @property
     def layer_module(self) -> torch.nn.Module:
@@ -305,7 +306,7 @@ class HiddenStateProbe(HarmClassifier):
 
     # -- features ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def capture(self, batch: int, stop_ids: Sequence[int], scope: Any = None) -> Iterator[HiddenCapture]:
+    def capture(self, batch: int, stop_ids: Collection[int], scope: Any = None) -> Iterator[HiddenCapture]:
         """A :class:`HiddenCapture` whose hook is installed for the block and removed after it; with
         ``scope`` (a call context) it records only that call's forwards."""
         if self.model is None:
@@ -355,8 +356,8 @@ class HiddenStateProbe(HarmClassifier):
             real = am[b].bool()
             prompt = ids[b][real]
             # The state at the last answer token is never needed (it would choose the token after the answer).
-            resp = torch.tensor(responses[b][:-1], dtype=ids.dtype, device=ids.device)
-            rows.append((real, torch.cat([prompt, resp])))
+            resp_t = torch.tensor(responses[b][:-1], dtype=ids.dtype, device=ids.device)
+            rows.append((real, torch.cat([prompt, resp_t])))
             starts.append(int(prompt.shape[0]) - 1)
         T = max(int(seq.shape[0]) for _, seq in rows)
         inputs: dict[str, Any] = {k: v for k, v in enc.items() if k not in ("input_ids", *_PER_TOKEN)}
@@ -417,6 +418,7 @@ class HiddenStateProbe(HarmClassifier):
         else:
             if isinstance(responses, str):
                 raise TypeError("responses must be a list of strings, not one string")
+            assert responses is not None  # exactly one of the two is given (checked above)
             out = [engine.tokenizer.encode(r, add_special_tokens=False) for r in responses]
         if len(out) != n:
             raise ValueError(f"got {n} queries but {len(out)} responses")

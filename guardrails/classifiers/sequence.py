@@ -87,7 +87,7 @@ class SequenceClassifierJudge(HarmClassifier):
         threshold: float = 0.5,
         name: str | None = None,
     ) -> None:
-        if not callable(getattr(tokenizer, "__call__", None)) or not hasattr(tokenizer, "decode"):
+        if not callable(getattr(tokenizer, "__call__", None)) or not hasattr(tokenizer, "decode"):  # noqa: B004 (as written: callable() would refuse an instance-level __call__)
             raise TypeError("tokenizer must be a Hugging Face tokenizer (AutoTokenizer.from_pretrained(...))")
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "num_labels"):

@@ -7,9 +7,20 @@ to import (an optional dependency) breaks only its own defense, never ``import g
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 #: class name -> module (under guardrails.defenses)
+# What type checkers see (`X as X`: re-exported); at run time __getattr__ imports on first use. Keep in step with _EXPORTS.
+if TYPE_CHECKING:
+    from guardrails.defenses.adashield import AdaShield as AdaShield
+    from guardrails.defenses.ecso import ECSO as ECSO
+    from guardrails.defenses.inferaligner import InferAligner as InferAligner
+    from guardrails.defenses.ocr_screen import OCRScreen as OCRScreen
+    from guardrails.defenses.protector import Detoxifier as Detoxifier
+    from guardrails.defenses.protector import Protector as Protector
+    from guardrails.defenses.self_moderation import SelfModeration as SelfModeration
+    from guardrails.defenses.system_prompt import SafetySystemPrompt as SafetySystemPrompt
+
 _EXPORTS: dict[str, str] = {
     "SafetySystemPrompt": "system_prompt",
     "SelfModeration": "self_moderation",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ YES_VARIANTS: tuple[str, ...] = (" yes", "yes", "Yes", " Yes")
 NO_VARIANTS: tuple[str, ...] = (" no", "no", "No", " No")
 
 
-def check_judge_config(cfg: object) -> None:
+def check_judge_config(cfg: Any) -> None:
     """Checks shared by the yes/no-judging defenses' configs (ECSO, SelfModeration); frozen-safe."""
     check_threshold(cfg.threshold)
     if not isinstance(cfg.reuse_cache, bool):

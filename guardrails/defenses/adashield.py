@@ -41,10 +41,10 @@ import numpy as np
 
 import prompts
 from guardrails import conversation as conv_mod
+from guardrails.calls import ModelCalls
 from guardrails.config import Config
 from guardrails.conversation import Conversation
 from guardrails.defense import CallContext, Defense, Row
-from guardrails.calls import ModelCalls
 from guardrails.defenses._placement import Placement, place
 from guardrails.results import Verdict
 
@@ -79,6 +79,7 @@ def load_pool(pool: dict[str, Any] | str | Path) -> list[PoolEntry]:
             items = [items]
         if not isinstance(items, (list, tuple)) or not items:
             raise ValueError(f"pool[{scenario!r}] must be a non-empty list of prompts")
+        prompt: Any  # checked below, whichever form the item has
         for k, item in enumerate(items):
             where = f"pool[{scenario!r}][{k}]"
             if isinstance(item, str):
@@ -200,9 +201,14 @@ class AdaShield(Defense):
 
     def _keys(self, calls: ModelCalls | None) -> tuple[np.ndarray, list[int]]:
         """Key embeddings (cached per model) and the pool entry of each key."""
-        if not callable(self.config.embedder) and calls is None:
+        if callable(self.config.embedder):
+            owner = ("callable", id(self.config.embedder))
+        elif calls is None:
             raise ValueError("embedder='hidden' needs the wrapped model; pass model=guarded")
-        owner = ("callable", id(self.config.embedder)) if callable(self.config.embedder) else ("hidden", id(calls.model))
+        else:
+            owner = ("hidden", id(calls.model))
+        if self.entries is None:
+            raise ValueError("AdaShield-S (pool=None) has no pool to retrieve from")
         owner_of = [k for k, e in enumerate(self.entries) for _ in e.keys]
         if owner not in self._key_cache:
             convs = [[{"role": "user", "content": [{"type": "text", "text": key}]}] for e in self.entries for key in e.keys]
@@ -261,7 +267,7 @@ class AdaShield(Defense):
         if self.entries is None:
             out = []
             for row in rows:
-                row.conversation, detail = place(row.conversation, cfg.static_prompt, cfg.placement, cfg.separator, ctx.engine)
+                row.conversation, detail = place(row.conv, cfg.static_prompt, cfg.placement, cfg.separator, ctx.engine)
                 detail.update(mode="static", applied=True)
                 out.append(Verdict(action="edit", detail=detail))
             return out
@@ -270,15 +276,15 @@ class AdaShield(Defense):
                 f"{self.name} has a pool but no threshold: pass AdaShield(pool, threshold=...) or call "
                 "shield.calibrate(benign_conversations, target_fpr=0.05, model=guarded) first"
             )
-        sims, best = self.similarities(ctx.calls, [r.conversation for r in rows])
+        sims, best = self.similarities(ctx.calls, [r.conv for r in rows])
         out = []
         for row, sim, k in zip(rows, sims.tolist(), best.tolist()):
             entry = self.entries[k]
             applied = sim > cfg.threshold
-            detail: dict[str, Any] = {"mode": "retrieval", "scenario": entry.scenario, "similarity": sim,
+            detail = {"mode": "retrieval", "scenario": entry.scenario, "similarity": sim,
                                       "threshold": cfg.threshold, "applied": applied, "prompt_index": k}
             if applied:
-                row.conversation, where = place(row.conversation, entry.prompt, cfg.placement, cfg.separator, ctx.engine)
+                row.conversation, where = place(row.conv, entry.prompt, cfg.placement, cfg.separator, ctx.engine)
                 detail.update(where)
             out.append(Verdict(flagged=applied, score=sim, threshold=cfg.threshold,
                                action="edit" if applied else "pass", detail=detail))

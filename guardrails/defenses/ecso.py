@@ -32,7 +32,7 @@ from guardrails import conversation as conv_mod
 from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
-from guardrails.results import Verdict
+from guardrails.results import Action, Verdict
 
 NoImage = Literal["refuse", "flag", "skip"]
 NO_IMAGE: tuple[str, ...] = get_args(NoImage)
@@ -92,7 +92,7 @@ class ECSO(Defense):
     def _after(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
         cfg = self.config
         reuse = ctx.calls.session(reuse=cfg.reuse_cache)
-        has_image = [bool(conv_mod.image_parts(r.conversation)) for r in rows]
+        has_image = [bool(conv_mod.image_parts(r.conv)) for r in rows]
         details: list[dict[str, Any]] = [
             {"image": img, "steps": {"answer": {"ms": ctx.timings.get("model.generate")}}} for img in has_image
         ]
@@ -106,8 +106,8 @@ class ECSO(Defense):
             for i in checked:
                 r = rows[i]
                 answer = r.text if cfg.max_response_chars is None else r.text[: cfg.max_response_chars]
-                check = prompts.render("ecso_harm_check", query=conv_mod.last_user_text(r.conversation), response=answer)
-                convs.append(conv_mod.with_user_text(r.conversation, check))
+                check = prompts.render("ecso_harm_check", query=conv_mod.last_user_text(r.conv), response=answer)
+                convs.append(conv_mod.with_user_text(r.conv, check))
             t0 = time.perf_counter()
             p, mass = yn.p_yes(reuse.next_token_logits(convs, [rows[i] for i in checked]))
             ms = (time.perf_counter() - t0) * 1e3
@@ -121,8 +121,8 @@ class ECSO(Defense):
         unsafe_img = [i for i in p_unsafe if p_unsafe[i] >= cfg.threshold and has_image[i]]
         if unsafe_img:
             # Step 3: query-aware caption, image attached.
-            queries = {i: conv_mod.last_user_text(rows[i].conversation) for i in unsafe_img}
-            convs = [conv_mod.with_user_text(rows[i].conversation, prompts.render("ecso_query_aware_caption", query=queries[i]))
+            queries = {i: conv_mod.last_user_text(rows[i].conv) for i in unsafe_img}
+            convs = [conv_mod.with_user_text(rows[i].conv, prompts.render("ecso_query_aware_caption", query=queries[i]))
                      for i in unsafe_img]
             t0 = time.perf_counter()
             caps = reuse.generate(convs, [rows[i] for i in unsafe_img], max_new_tokens=cfg.caption_tokens)
@@ -130,7 +130,7 @@ class ECSO(Defense):
             for i, g in zip(unsafe_img, caps):
                 details[i]["steps"]["caption"] = {"text": g.text, "ms": ms}
             # Step 4: eyes closed: every image removed, answer from the caption.
-            convs = [conv_mod.with_user_text(conv_mod.without_images(rows[i].conversation),
+            convs = [conv_mod.with_user_text(conv_mod.without_images(rows[i].conv),
                                              prompts.render("ecso_caption_answer", caption=g.text, query=queries[i]))
                      for i, g in zip(unsafe_img, caps)]
             t0 = time.perf_counter()
@@ -143,9 +143,9 @@ class ECSO(Defense):
         for i, row in enumerate(rows):
             d = details[i]
             d["kv_cache"] = reuse.report(row)
-            p = p_unsafe.get(i)
-            unsafe = p is not None and p >= cfg.threshold
-            action = "pass"
+            score = p_unsafe.get(i)
+            unsafe = score is not None and score >= cfg.threshold
+            action: Action = "pass"
             if unsafe:
                 d["original_text"] = row.text
                 if has_image[i]:
@@ -154,5 +154,5 @@ class ECSO(Defense):
                 elif cfg.no_image == "refuse":
                     row.refuse(prompts.render("refusal_default"), by=self.name)
                     action = "refuse"
-            out.append(Verdict(flagged=unsafe, score=p, threshold=cfg.threshold, action=action, detail=d))
+            out.append(Verdict(flagged=unsafe, score=score, threshold=cfg.threshold, action=action, detail=d))
         return out

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, cast, get_args
 
 from guardrails._compat import STATIC_CACHE_IMPLEMENTATIONS, get_cache, is_static_cache
 from guardrails.config import Config
@@ -205,7 +205,8 @@ class InferAligner(Defense):
         # an alpha calibrated as "relative" means something else as "absolute".
         scale = scale if scale is not None else extra.get("scale", InferAlignerConfig.scale)
         positions = positions if positions is not None else extra.get("positions", InferAlignerConfig.positions)
-        self.config = InferAlignerConfig(alpha=alpha, layers=tuple(sorted(set(chosen))), gate_source=gate_source,
+        self.config = InferAlignerConfig(alpha=alpha, layers=tuple(sorted(set(chosen))),
+                                         gate_source=cast(GateSource, gate_source),  # "auto" resolved above
                                          strict_template=strict_template, path=path, alpha_origin=alpha_origin,
                                          layers_origin=layers_origin, scale=scale, positions=positions)
         self._template_checked: set[int] = set()

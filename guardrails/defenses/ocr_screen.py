@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,11 +30,11 @@ from transformers import StoppingCriteria
 
 import prompts
 from guardrails import conversation as conv_mod
-from guardrails.classifiers.base import HarmClassifier
 from guardrails.calls import ModelCalls
+from guardrails.classifiers.base import HarmClassifier
 from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Refusal, Requirements, Row
-from guardrails.results import Verdict, check_threshold
+from guardrails.results import Action, Verdict, check_threshold
 
 Mode = Literal["classify", "reveal", "gate"]
 
@@ -225,8 +226,8 @@ class OCRScreen(Defense):
         convs = [[{"role": "user", "content": [{"type": "text", "text": t}]}] for t in joined]
         inputs = calls.engine.encode(convs)
         with calls.using():
-            scores, g = compute_gate(calls.model, self.gate, inputs)
-        return [(float(s), bool(x > 0)) for s, x in zip(scores.tolist(), g.tolist())]
+            gate_scores, g = compute_gate(calls.model, self.gate, inputs)
+        return [(float(s), bool(x > 0)) for s, x in zip(gate_scores.tolist(), g.tolist())]
 
     def screen(self, images: list[Any], user_text: str = "", engine: Any = None) -> ScreenResult:
         """Screen one input outside a model call (the ``python -m guardrails screen`` command)."""
@@ -245,35 +246,35 @@ class OCRScreen(Defense):
         return dataclasses.replace(base, needs_hidden_states=self.mode == "gate",
                                    stages=base.stages if self.overlap else ("before",))
 
-    def _verdict(self, score: float | None, flagged: bool, ocr_text: str, info: dict[str, Any], action: str) -> Verdict:
+    def _verdict(self, score: float | None, flagged: bool, ocr_text: str, info: dict[str, Any], action: Action) -> Verdict:
         threshold = self.threshold if self.mode == "classify" else (self.gate.threshold if self.mode == "gate" else None)
         return Verdict(flagged=flagged, score=score, threshold=threshold, action=action,
                        detail={"mode": self.mode, "ocr_text": ocr_text, **info})
 
     # -- stages ----------------------------------------------------------------------------------
-    def _before(self, ctx: CallContext, rows: list[Row]) -> list[Verdict | None]:
+    def _before(self, ctx: CallContext, rows: list[Row]) -> Sequence[Verdict | Refusal | None]:
         if self.overlap:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrails-ocr")
             ctx.state[self.name] = {"pool": pool, "futures": {
-                r.index: pool.submit(self.read, conv_mod.images(r.conversation)) for r in rows}}
+                r.index: pool.submit(self.read, conv_mod.images(r.conv)) for r in rows}}
             return [Verdict(detail={"mode": self.mode, "overlap": "OCR running beside generation"}) for _ in rows]
-        reads = [self.read(conv_mod.images(r.conversation)) for r in rows]
+        reads = [self.read(conv_mod.images(r.conv)) for r in rows]
         if self.mode == "reveal":
             out = []
             for r, (text, info) in zip(rows, reads):
                 if text:
-                    r.conversation = conv_mod.with_user_text(r.conversation, prompts.render("reveal_image_text", text=text), position="prefix")
+                    r.conversation = conv_mod.with_user_text(r.conv, prompts.render("reveal_image_text", text=text), position="prefix")
                 out.append(self._verdict(None, False, text, info, "edit" if text else "pass"))
             return out
         return self._decide(ctx, rows, reads, action="refuse")
 
-    def _decide(self, ctx: CallContext, rows: list[Row], reads: list[tuple[str, dict]], action: str, refuse: bool = True) -> list[Verdict | Refusal]:
+    def _decide(self, ctx: CallContext, rows: list[Row], reads: list[tuple[str, dict]], action: Action, refuse: bool = True) -> list[Verdict | Refusal]:
         """Score rows whose images hold text (one batch); a :class:`Refusal` for the flagged ones when ``refuse``."""
         idx = [i for i, (text, _) in enumerate(reads) if text]
-        queries = [conv_mod.last_user_text(rows[i].conversation) for i in idx]
+        queries = [conv_mod.last_user_text(rows[i].conv) for i in idx]
         scored = dict(zip(idx, self.score([reads[i][0] for i in idx], queries, ctx.calls))) if idx else {}
         out = []
-        for i, (r, (text, info)) in enumerate(zip(rows, reads)):
+        for i, (_row, (text, info)) in enumerate(zip(rows, reads)):
             score, flagged = scored.get(i, (None, False))
             v = self._verdict(score, flagged, text, info, action if flagged else "pass")
             out.append(Refusal(v, self.refusal_text) if flagged and refuse else v)

@@ -43,7 +43,7 @@ from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.classifiers.hidden_probe import HiddenStateProbe
 from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Requirements, Row
-from guardrails.results import Verdict, check_threshold
+from guardrails.results import Action, Verdict, check_threshold
 
 __all__ = ["Protector", "ProtectorConfig", "Detoxifier", "MODES", "DETOX_PROMPT"]
 
@@ -157,6 +157,13 @@ class Detoxifier:
         return [g.text for g in target.generate_texts(texts, **kw)]
 
 
+def _b(row: Row) -> int:
+    """``row.batch_index``, set on every row the during and after stages see (the generated ones)."""
+    if row.batch_index is None:
+        raise ValueError(f"row {row.index} is not in the generated batch")
+    return row.batch_index
+
+
 @dataclass
 class _CallState:
     """One call's streaming state, per batch row (shared with the stream consumer thread)."""
@@ -216,7 +223,7 @@ class _TextScorer:
         return cand, (self.detector.predict(texts, [st.queries[b] for b in cand]) if cand else [])
 
     def score(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str], own: bool) -> tuple[list[HarmScore], list[str]]:
-        return self.detector.predict(texts, [st.queries[r.batch_index] for r in rows]), ["text"] * len(rows)
+        return self.detector.predict(texts, [st.queries[_b(r)] for r in rows]), ["text"] * len(rows)
 
 
 class _ProbeScorer:
@@ -256,7 +263,7 @@ class _ProbeScorer:
         how = [""] * len(rows)
         redo = []
         for i, r in enumerate(rows):
-            b = r.batch_index
+            b = _b(r)
             if r.original_text is None and int(counts[b]) == len(r.token_ids):
                 out[i] = self.probe.score_pooled(feats[b:b + 1], counts[b:b + 1])[0]
                 how[i] = "generation activations (no extra forward)"
@@ -368,7 +375,7 @@ class Protector(Defense):
     def _during(self, ctx: CallContext, stack: contextlib.ExitStack) -> None:
         rows = ctx.active
         n = len(rows)
-        st = _CallState(rows=rows, queries=[conv_mod.last_user_text(r.conversation) for r in rows], checked=[0] * n,
+        st = _CallState(rows=rows, queries=[conv_mod.last_user_text(r.conv) for r in rows], checked=[0] * n,
                         fired_at=[None] * n, fired=[None] * n, checks=[[] for _ in range(n)],
                         fired_mask=torch.zeros(n, dtype=torch.bool))
         ctx.state[self.name] = {"call": st}
@@ -416,7 +423,7 @@ class Protector(Defense):
             return None if note is None else [Verdict(stage="during", detail=dict(note)) for _ in rows]
         out: list[Verdict | None] = []
         for row in rows:
-            b = row.batch_index
+            b = _b(row)
             s = st.fired[b]
             top = max((c["score"] for c in st.checks[b]), default=None)
             out.append(Verdict(
@@ -437,10 +444,11 @@ class Protector(Defense):
         where: dict[int, str] = {}
         notes: dict[int, dict[str, Any]] = {id(r): {} for r in rows}
         final_rows: list[Row] = []
+        s: HarmScore | None
         for r in rows:
-            b = r.batch_index
-            if stream and st.fired_at[b] is not None and r.original_text is None:
-                n = st.fired_at[b]
+            b = _b(r)
+            n = st.fired_at[b]
+            if stream and n is not None and r.original_text is None:
                 if len(r.token_ids) > n:  # transformers kept generating the row (no EOS criterion): cut it here
                     notes[id(r)]["truncated_from"] = len(r.token_ids)
                     r.truncate(n, ctx.engine.decode(r.token_ids[:n]))
@@ -453,7 +461,7 @@ class Protector(Defense):
         scores, how = self._scorer.score(ctx, st, final_rows, [r.text for r in final_rows], own=True) if final_rows else ([], [])
         final_ms = (time.perf_counter() - t0) * 1e3
         for r, s, h in zip(final_rows, scores, how):
-            st.checks[r.batch_index].append({"tokens": len(r.token_ids), "score": float(s.score), "stage": "after"})
+            st.checks[_b(r)].append({"tokens": len(r.token_ids), "score": float(s.score), "stage": "after"})
             notes[id(r)]["final_score_from"] = h
             if s.score >= cfg.threshold:
                 flagged[id(r)], where[id(r)] = s, "after"
@@ -462,7 +470,7 @@ class Protector(Defense):
         detox = self._detoxify(ctx, st, todo)
         out = []
         for r in rows:
-            b = r.batch_index
+            b = _b(r)
             checks = st.checks[b]
             s = flagged.get(id(r))
             detail: dict[str, Any] = {
@@ -479,7 +487,7 @@ class Protector(Defense):
                 detail.update(every=cfg.every, stopped_at=r.stopped_at, checked_tokens=st.checked[b])
             elif ctx.mode == "stream":
                 detail["stream"] = "held back until the whole answer was scored (mode='post')"
-            action = "pass"
+            action: Action = "pass"
             if s is not None:
                 info = detox[id(r)]
                 detail["detoxifier"] = info
@@ -502,7 +510,7 @@ class Protector(Defense):
         if self.detoxifier == "refuse":
             return {id(r): {"kind": "refuse", "outcome": "refused (detoxifier='refuse')"} for r in rows}
         d: Detoxifier = self.detoxifier  # type: ignore[assignment]
-        queries = [st.queries[r.batch_index] for r in rows]
+        queries = [st.queries[_b(r)] for r in rows]
         t0 = time.perf_counter()
         texts = d.rewrite(ctx.calls, queries, [r.text for r in rows])
         rewrite_ms = (time.perf_counter() - t0) * 1e3

@@ -33,12 +33,12 @@ from typing import Any, ClassVar, Literal, get_args
 
 import prompts
 from guardrails import conversation as conv_mod
-from guardrails.classifiers.base import HarmClassifier
 from guardrails.calls import ModelCalls
+from guardrails.classifiers.base import HarmClassifier
 from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
-from guardrails.results import Verdict
+from guardrails.results import Action, Verdict
 
 OnFail = Literal["refuse", "keep"]
 ON_FAIL: tuple[str, ...] = get_args(OnFail)
@@ -135,15 +135,16 @@ class SelfModeration(Defense):
             scores = self.judge.predict(answers, queries)
             return [float(s.score) for s in scores], [None] * len(rows)
         convs = [
-            conv_mod.append_turns(r.conversation, ("assistant", a), ("user", self._render(self.config.judge_prompt, q, a)))
+            conv_mod.append_turns(r.conv, ("assistant", a), ("user", self._render(self.config.judge_prompt, q, a)))
             for r, q, a in zip(rows, queries, answers)
         ]
+        assert yn is not None  # _after makes one whenever there is no classifier judge
         p, mass = yn.p_yes(reuse.next_token_logits(convs, rows))
         return [float(x) for x in p], [float(x) for x in mass]
 
     def _revise(self, ctx: CallContext, reuse: ModelCalls, rows: list[Row], queries: list[str], answers: list[str]) -> list[str]:
         convs = [
-            conv_mod.append_turns(r.conversation, ("assistant", a), ("user", self._render(self.config.revise_prompt, q, a)))
+            conv_mod.append_turns(r.conv, ("assistant", a), ("user", self._render(self.config.revise_prompt, q, a)))
             for r, q, a in zip(rows, queries, answers)
         ]
         return [g.text for g in reuse.generate(convs, rows, max_new_tokens=self.config.max_new_tokens)]
@@ -155,7 +156,7 @@ class SelfModeration(Defense):
             yn = YesNoTokens.for_tokenizer(ctx.engine.tokenizer, cfg.yes_tokens, cfg.no_tokens)
         reuse = ctx.calls.session(reuse=cfg.reuse_cache)
         n = len(rows)
-        queries = [conv_mod.last_user_text(r.conversation) for r in rows]
+        queries = [conv_mod.last_user_text(r.conv) for r in rows]
         answers = [r.text for r in rows]
         p_hist: list[list[float]] = [[] for _ in range(n)]
         mass_hist: list[list[float | None]] = [[] for _ in range(n)]
@@ -199,7 +200,7 @@ class SelfModeration(Defense):
                 detail["yes_no_tokens"] = yn.describe()
             if revisions[i]:
                 detail["revisions"] = revisions[i]
-            action = "pass"
+            action: Action = "pass"
             if i in still_unsafe:
                 detail["final"] = "unsafe after the bound"
                 if cfg.on_fail == "refuse":

@@ -121,7 +121,7 @@ class SafetySystemPrompt(Defense):
     def _before(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
         out = []
         for row in rows:
-            row.conversation, detail = place(row.conversation, self.config.text, self.config.placement,
+            row.conversation, detail = place(row.conv, self.config.text, self.config.placement,
                                              self.config.separator, ctx.engine)
             detail["prompt"] = self.config.source
             out.append(Verdict(action="edit", detail=detail))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -206,6 +207,7 @@ class OCREngine(ABC):
                 results.append(self.read(im))
             except (TypeError, ValueError, OSError) as exc:
                 msg = f"image {i} of {len(images)}: {exc}"
+                again: Exception
                 try:
                     again = type(exc)(msg)
                 except Exception:  # noqa: BLE001 - some exception types need more arguments
@@ -245,7 +247,7 @@ class OCREngine(ABC):
             small = im.resize((max(1, round(W * f)), max(1, round(H * f))), Image.Resampling.LANCZOS)
             tile_words = [w for line in lines for w in line]
             for line in self._recognize(small):
-                line = [OCRWord(w.text, w.confidence, tuple(v / f for v in w.box)) for w in line]  # type: ignore[misc]
+                line = [OCRWord(w.text, w.confidence, tuple(v / f for v in w.box)) for w in line]  # type: ignore[arg-type]  # 4 coordinates in, 4 out
                 extra = [w for w in line if not any(_overlap(w.box, t.box) > 0.3 for t in tile_words)]
                 if extra:
                     lines.append(extra)
@@ -359,7 +361,7 @@ def _filter(raw: RawLines, min_conf: float) -> tuple[list[OCRLine], list[OCRWord
     lines: list[OCRLine] = []
     dropped: list[OCRWord] = []
     for line in raw:
-        kept = []
+        kept: list[OCRWord] = []
         for w in line:
             if not w.text.strip():
                 continue

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from steering._files import expand_user
-
 from guardrails._cli import USER_ERRORS, CliError, one_line, threshold
+from steering._files import expand_user
 
 
 def register(subparsers: Any) -> None:

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from steering._files import expand_user
 
-ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]  # noqa: UP007 (public runtime alias: kept a typing.Union object)
 """PIL image, file path, encoded file bytes, or a uint8 array (HxW, HxWx1, HxWx3 RGB, HxWx4 RGBA)."""
 
 ACCEPTED = "PIL.Image.Image, a file path (str or pathlib.Path), encoded image bytes, or a uint8 numpy array (HxW or HxWxC, C in 1/3/4, RGB order)"

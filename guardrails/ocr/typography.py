@@ -18,12 +18,12 @@ import functools
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Union, cast
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-FontLike = Union[str, os.PathLike, ImageFont.FreeTypeFont, None]
+FontLike = Union[str, os.PathLike, ImageFont.FreeTypeFont, None]  # noqa: UP007 (public runtime alias: kept a typing.Union object)
 
 # Monospaced bold like FigStep's FreeMonoBold. DejaVu first, not FreeMono, so the default
 # image is the same on every machine with fonts-dejavu-core (fontconfig pulls it in on Debian).
@@ -168,17 +168,17 @@ def render_typography(
     if size is None:
         canvas = Image.new("RGB", (block.width + 2 * margin[0], block.height + 2 * margin[1]), bg)
     else:
-        canvas = Image.new("RGB", tuple(size), bg)
+        canvas = Image.new("RGB", cast(tuple[int, int], tuple(size)), bg)
     canvas.paste(block, margin)
     if noise > 0:
         rng = np.random.default_rng(seed)
-        a = np.asarray(canvas, dtype=np.float32)
+        a: np.ndarray = np.asarray(canvas, dtype=np.float32)
         a = a + rng.normal(0.0, noise * 255.0, size=a.shape)
         canvas = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
     canvas.info["typography"] = {
         "text": body,
         # Pillow's built-in font has a BytesIO as its path
-        "font": f.path if isinstance(getattr(f, "path", None), str) else "pillow-default",
+        "font": font_path if isinstance(font_path := getattr(f, "path", None), str) else "pillow-default",
         "font_size": fs,
     }
     return canvas
@@ -224,7 +224,8 @@ def _draw_block(text: str, font, ink, bg, *, wrap_px: int | None, spacing: int) 
     joined = "\n".join(lines)
     l, t, r, b = probe.multiline_textbbox((0, 0), joined, font=font, spacing=spacing)
     pad = 4
-    im = Image.new("RGB", (max(1, r - min(l, 0)) + 2 * pad, max(1, b - min(t, 0)) + 2 * pad), bg)
+    # Pillow's stubs type the bbox as floats; FreeType and the built-in font give ints
+    im = Image.new("RGB", (max(1, r - min(l, 0)) + 2 * pad, max(1, b - min(t, 0)) + 2 * pad), bg)  # type: ignore[arg-type]
     ImageDraw.Draw(im).multiline_text((pad - min(l, 0), pad - min(t, 0)), joined, font=font, fill=ink, spacing=spacing)
     return im
 
