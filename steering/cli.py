@@ -279,8 +279,8 @@ def _calibrate(args: argparse.Namespace, model: Any, processor: Any, harmful: li
                                       progress=not args.no_progress, path=args.layer_path, max_fpr=args.max_fpr)
     gate = cal.gate
     if hard:
-        from .hooks import compute_gate
         from .extract import ChatPreparer, _to_model
+        from .hooks import compute_gate
 
         prepare = ChatPreparer(processor)
         fired = sum(float(compute_gate(model, gate, _to_model(model, prepare(hard[s:s + args.batch_size])),
@@ -334,6 +334,7 @@ def _calibrate_steering(args: argparse.Namespace, model: Any, processor: Any, sv
     except ValueError as e:
         raise CliError(str(e).splitlines()[0] + "; nothing was written (see the table above)") from None
     b = cal.best
+    assert b is not None  # with_choice refused otherwise
     print(f"steering: layers {list(b.layers)}, alpha {b.alpha:g} ({b.scale}, {b.positions} positions): harmful refused "
           f"{b.harmful_refusal:.0%} (bare {cal.bare.harmful_refusal:.0%}), benign refused {b.benign_refusal:.0%} "
           f"(bare {cal.bare.benign_refusal:.0%}), garbled {b.garbled:.0%}")

@@ -103,7 +103,8 @@ def _generate(model: nn.Module, prepare: ChatPreparer, prompts: Sequence[Prompt]
     for s in range(0, len(prompts), batch_size):
         inputs = _to_model(model, prepare(prompts[s:s + batch_size]))
         with torch.no_grad():
-            seq = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            seq = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,  # type: ignore[operator]
+                                 pad_token_id=pad_id)  # nn.Module hides transformers' generate from mypy
         n = inputs["input_ids"].shape[1]
         for b in range(seq.shape[0]):
             prompt = inputs["input_ids"][b][inputs["attention_mask"][b].bool()].tolist()
@@ -175,8 +176,8 @@ def calibrate_steering(
         raise ValueError(f"scale must be one of {SCALES} and positions one of {POSITIONS}, got {scale!r}, {positions!r}")
     if not harmful or not benign:
         raise ValueError("steering calibration needs harmful and benign prompts")
-    layer_sets = [tuple(sorted(set(int(i) for i in ls))) for ls in layer_sets]
-    if not layer_sets or not alphas:
+    candidates = [tuple(sorted({int(i) for i in ls})) for ls in layer_sets]
+    if not candidates or not alphas:
         raise ValueError("give at least one layer set and one alpha")
     tok = getattr(processor, "tokenizer", processor)
     prepare = ChatPreparer(processor)
@@ -209,7 +210,7 @@ def calibrate_steering(
         return trial
 
     bare = measure((), 0.0)
-    trials = [measure(ls, float(a)) for ls, a in itertools.product(layer_sets, alphas)]
+    trials = [measure(ls, float(a)) for ls, a in itertools.product(candidates, alphas)]
     best = choose(trials, bare, max_garbled=max_garbled, max_nll_increase=max_nll_increase)
     settings = {"scale": scale, "positions": positions, "max_new_tokens": max_new_tokens, "num_harmful": n_h,
                 "num_benign": len(prompts) - n_h, "max_garbled": max_garbled, "max_nll_increase": max_nll_increase,
