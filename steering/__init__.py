@@ -28,8 +28,9 @@ if TYPE_CHECKING:
         template_sha256,
     )
     from steering.gate import Gate, GateCalibration, GateLayerResult, calibrate_gate, calibrate_gate_from_prompts
-    from steering.hooks import SteeringHandle, check_steerable, compute_gate, steer
+    from steering.hooks import SteeringHandle, activation_norms, check_steerable, compute_gate, steer
     from steering.layers import LayerInfo, find_decoder_layers, layer_device, layer_dtype, module_path
+    from steering.tune import SteeringCalibration, SteeringTrial, calibrate_steering
     from steering.vectors import Manifest, SteeringVectors, extract_steering_vectors
 
 # Imported on first use (as guardrails does): the command lines and steering._cli / steering._files,
