@@ -147,3 +147,24 @@ def test_gate_max_fpr_trades_recall_for_false_positives():
     assert strict.best.tp == int((pos[:, 0] > neg_scores.max()).sum())
     with pytest.raises(ValueError, match="max_fpr is a false-positive rate"):
         calibrate_gate({0: d}, acts(pos), acts(neg), max_fpr=1.0)
+
+
+def test_shipped_preset_loads_with_its_recorded_choice(llama):
+    from guardrails.defenses.inferaligner import presets
+    from guardrails.spec import build_defenses
+
+    assert "qwen2.5-coder-0.5b-instruct" in presets()
+    ia = InferAligner.preset("qwen2.5-coder-0.5b-instruct")
+    extra = ia.vectors.manifest.extra
+    assert (ia.config.alpha, list(ia.config.layers), ia.config.scale, ia.config.positions) == (
+        extra["alpha"], extra["layers"], extra["scale"], extra["positions"])
+    assert ia.gate is not None and ia.gate.metrics["max_fpr"] == 0.05 and "hard_negative_fpr" in ia.gate.metrics
+    assert extra["steering_calibration"]["best"]["garbled"] == 0.0  # the recorded choice did not garble
+    (spec,) = build_defenses("inferaligner:preset=qwen2.5-coder-0.5b-instruct,alpha=0.25")
+    assert spec.config.alpha == 0.25 and spec.config.layers == ia.config.layers
+    with pytest.raises(ValueError, match="no InferAligner preset for 'nope'; presets: qwen2.5-coder-0.5b-instruct"):
+        InferAligner.preset("nope")
+    with pytest.raises(ValueError, match="preset=MODEL or vectors=DIR"):
+        build_defenses("inferaligner:preset=qwen2.5-coder-0.5b-instruct,vectors=x")
+    with pytest.raises(ValueError, match="does not fit LlamaForCausalLM"):  # a preset is for its own model
+        wrap(llama.model, llama.tokenizer, [ia])
