@@ -49,7 +49,8 @@ __all__ = ["ModelCalls", "ModelLock", "active_call", "call_scope", "model_lock",
 # -- the per-model lock --------------------------------------------------------------------------
 
 #: ids of the ModelLocks this context holds (contextvars: each thread, and each copied context, has its own)
-_HELD: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("guardrails_held_locks", default=frozenset())
+_HELD: contextvars.ContextVar[frozenset[tuple[int, int]]] = contextvars.ContextVar("guardrails_held_locks",
+                                                                                   default=frozenset())
 _REGISTRY: weakref.WeakKeyDictionary[Any, ModelLock] = weakref.WeakKeyDictionary()
 _REGISTRY_LOCK = threading.Lock()
 
@@ -63,11 +64,14 @@ class ModelLock:
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         held = _HELD.get()
-        if id(self) in held:  # this call already holds it (a defense's extra call inside a stage)
+        # Keyed by thread too: a context copied into another thread (a stream's worker started inside
+        # a stage, an executor) must take the lock itself, not inherit the holder's claim.
+        key = (id(self), threading.get_ident())
+        if key in held:  # this call already holds it (a defense's extra call inside a stage)
             yield
             return
         with self._lock:
-            token = _HELD.set(held | {id(self)})
+            token = _HELD.set(held | {key})
             try:
                 yield
             finally:
@@ -125,7 +129,9 @@ _PIXEL_KEYS = frozenset({
     "num_crops", "aspect_ratio_ids", "aspect_ratio_mask",
 })
 # Objects bound to the main call's batch, clock or cache: never passed on to a defense's generation.
-_CALL_BOUND = ("streamer", "stopping_criteria", "logits_processor", "num_return_sequences", *CACHE_KWARGS)
+# (max_length counts the main prompt; the prefix function and negative prompt are indexed by its rows.)
+_CALL_BOUND = ("streamer", "stopping_criteria", "logits_processor", "num_return_sequences", "max_length",
+               "prefix_allowed_tokens_fn", "negative_prompt_ids", "negative_prompt_attention_mask", *CACHE_KWARGS)
 
 
 def _accepts(fn: Any, name: str) -> bool:

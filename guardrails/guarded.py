@@ -219,7 +219,7 @@ class GuardedModel:
         check_one_answer_each(generate_kwargs, self.model)
         defenses = self._defenses_for("chat")
         rows = [Row(i, c) for i, c in enumerate(batch)]
-        ctx = _exhaust(self._flow(CallContext(self.engine, "chat", rows, dict(generate_kwargs)), defenses))
+        ctx = _exhaust(self._flow(CallContext(self.engine, "chat", rows, dict(generate_kwargs)), defenses, _RECORDERS.get()))
         results = [self._result(r, ctx) for r in rows]
         return results[0] if single else results
 
@@ -231,7 +231,8 @@ class GuardedModel:
                             "conversations; use chat([...]) for a batch, or one stream() per conversation")
         check_generate_kwargs(generate_kwargs)
         check_one_answer_each(generate_kwargs, self.model)
-        return GuardedStream(self, conv_mod.validate(conversation), dict(generate_kwargs), self._defenses_for("stream"))
+        return GuardedStream(self, conv_mod.validate(conversation), dict(generate_kwargs), self._defenses_for("stream"),
+                             _RECORDERS.get())
 
     def generate(self, **kwargs: Any) -> Any:
         """Drop-in for ``model.generate``: returns exactly what it returns.
@@ -248,7 +249,7 @@ class GuardedModel:
         ctx = CallContext(self.engine, "generate", rows, {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
         ctx.inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         ctx.prompt_len = inputs.shape[1]
-        return _exhaust(self._flow(ctx, defenses)).output
+        return _exhaust(self._flow(ctx, defenses, _RECORDERS.get())).output
 
     # -- the one core flow -------------------------------------------------------------------
     def _defenses_for(self, mode: str) -> list[Defense]:
@@ -259,10 +260,12 @@ class GuardedModel:
             d.check_mode(mode)
         return defenses
 
-    def _flow(self, ctx: CallContext, defenses: list[Defense]) -> Generator[int, None, CallContext]:
+    def _flow(self, ctx: CallContext, defenses: list[Defense],
+              recorders: tuple[tuple[Any, list[CallRecord]], ...]) -> Generator[int, None, CallContext]:
         """before -> encode -> during + generate -> decode -> after. Yields token ids in stream mode.
 
-        The model lock is taken per stage and never held across a yield.
+        The model lock is taken per stage and never held across a yield. ``recorders``: the
+        ``record()`` blocks open where the call was made (for a stream: where ``stream()`` was called).
         """
         rows, mode = ctx.rows, ctx.mode
         active = rows
@@ -296,7 +299,7 @@ class GuardedModel:
             with self._lock.hold():
                 for d in defenses:
                     d.run_after(ctx)
-        for owner, log in _RECORDERS.get():
+        for owner, log in recorders:
             if owner is self:
                 log.append(CallRecord(mode, [r.verdicts for r in rows], dict(ctx.timings)))
         return ctx
@@ -409,8 +412,10 @@ class GuardedStream:
     dropping it) stops generation at once.
     """
 
-    def __init__(self, guarded: GuardedModel, conversation: Any, kwargs: dict[str, Any], defenses: list[Defense]):
+    def __init__(self, guarded: GuardedModel, conversation: Any, kwargs: dict[str, Any], defenses: list[Defense],
+                 recorders: tuple[tuple[Any, list[CallRecord]], ...] = ()):
         self._guarded = guarded
+        self._recorders = recorders
         self._conversation = conversation
         self._kwargs = kwargs
         self._defenses = defenses
@@ -432,7 +437,7 @@ class GuardedStream:
         row = Row(0, self._conversation)
         ctx = CallContext(g.engine, "stream", [row], self._kwargs)
         shown = ""
-        flow = g._flow(ctx, self._defenses)
+        flow = g._flow(ctx, self._defenses, self._recorders)
         ids: list[int] = []
         try:
             while True:

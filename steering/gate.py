@@ -202,9 +202,9 @@ class GateCalibration:
 
 
 def _best_threshold(pos: torch.Tensor, neg: torch.Tensor, layer: int, max_fpr: float | None = None) -> GateLayerResult:
-    """Sweep every cut between sorted projections; maximise F1 (or, with ``max_fpr``, recall among
-    cuts whose false-positive rate on the harmless prompts is at most ``max_fpr``), ties broken by
-    the widest gap."""
+    """Sweep every cut between sorted projections; maximise F1, ties broken by the widest gap (or,
+    with ``max_fpr``, recall among cuts whose false-positive rate on the harmless prompts is at most
+    ``max_fpr``, ties broken by the fewest false positives, then the widest gap)."""
     p = torch.cat([pos, neg]).double()
     labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
     order = torch.argsort(p, descending=True)
@@ -212,23 +212,24 @@ def _best_threshold(pos: torch.Tensor, neg: torch.Tensor, layer: int, max_fpr: f
     n, n_pos = len(p), len(pos)
     spread = float(p.std()) if n > 1 and float(p.std()) > 0 else 1.0
     tp_cum = torch.cat([torch.zeros(1, dtype=torch.float64), labels.cumsum(0)])  # tp when the top k are positive
-    best: tuple[float, float, int] | None = None
+    best: tuple[tuple[float, float, float], int, float] | None = None  # (key, k, gap)
     for k in range(n + 1):
         if 0 < k < n and not p[k - 1] > p[k]:
             continue  # a cut between equal projections is not realisable by a threshold
         tp = float(tp_cum[k])
         f1 = 2 * tp / (k + n_pos) if (k + n_pos) > 0 else 0.0
         gap = float(p[k - 1] - p[k]) / spread if 0 < k < n else 0.0
+        key: tuple[float, float, float]
         if max_fpr is not None:
-            if (k - tp) > max_fpr * (n - n_pos):
+            if (k - tp) > math.floor(max_fpr * (n - n_pos) + 1e-9):  # 0.29 * 100 is 28.999...: allow 29
                 continue
-            key = (tp, gap, -k)  # most harmful prompts caught within the false-positive budget
+            key = (tp, -k, gap)  # most harmful prompts caught within the budget, then the fewest false positives
         else:
             key = (f1, gap, -k)
-        if best is None or key > best:
-            best = key
+        if best is None or key > best[0]:
+            best = (key, k, gap)
     assert best is not None  # k = 0 (fire on nothing) always meets any budget
-    gap, k = best[1], -best[2]
+    _, k, gap = best
     tp_k = float(tp_cum[k])
     f1 = 2 * tp_k / (k + n_pos) if (k + n_pos) > 0 else 0.0
     if k == 0:

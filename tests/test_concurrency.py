@@ -283,3 +283,28 @@ def test_soak_threads_by_mixed_calls(t, steered, bare):
     wait_for_no_stream_threads()
     assert hook_ids(t.model) == before
     assert not model_lock(t.model).locked()
+
+
+def test_a_context_copied_into_another_thread_takes_the_lock_itself(t):
+    import contextvars
+
+    lock = model_lock(t.model)
+    entered = threading.Event()
+
+    def other() -> None:
+        with lock.hold():
+            entered.set()
+
+    with lock.hold():
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(other,))
+        worker.start()
+        assert not entered.wait(0.5)  # the copy does not inherit this thread's claim on the lock
+    worker.join(TIMEOUT)
+    assert entered.is_set()
+
+
+def test_a_stream_is_recorded_where_it_was_created(bare):
+    with bare.record() as calls:
+        s = bare.stream(conv(1), **GEN)
+    "".join(s)  # consumed outside the block
+    assert [c.mode for c in calls] == ["stream"] and len(calls[0].verdicts) == 1

@@ -168,3 +168,24 @@ def test_shipped_preset_loads_with_its_recorded_choice(llama):
         build_defenses("inferaligner:preset=qwen2.5-coder-0.5b-instruct,vectors=x")
     with pytest.raises(ValueError, match="does not fit LlamaForCausalLM"):  # a preset is for its own model
         wrap(llama.model, llama.tokenizer, [ia])
+
+
+def test_gate_budget_prefers_fewer_false_positives_at_equal_recall():
+    d = torch.zeros(2)
+    d[0] = 1.0
+    pos = torch.tensor([[3.0, 0.0], [2.9, 0.0]])
+    neg = torch.tensor([[2.8, 0.0]] + [[0.01 * i, 0.0] for i in range(9)])
+    acts = lambda x: Activations(values=x[:, None, :], layer_indices=[0])  # noqa: E731
+    best = calibrate_gate({0: d}, acts(pos), acts(neg), max_fpr=0.1).best
+    assert (best.tp, best.fp) == (2, 0) and 2.8 < best.threshold < 2.9  # not a wider gap with one false positive
+    # the budget is inclusive even where max_fpr * n is not exact in floating point (0.29 * 100)
+    neg100 = torch.tensor([[5.0 - 0.01 * i, 0.0] for i in range(29)] + [[0.0, 0.0]] * 71)
+    loose = calibrate_gate({0: d}, acts(torch.tensor([[4.0, 0.0]])), acts(neg100), max_fpr=0.29).best
+    assert loose.fp == 29 and loose.tp == 1
+
+
+def test_generated_positions_refuse_options_that_batch_several_positions(llama, vectors):
+    ia = InferAligner(vectors, gate_source="none", scale="relative", positions="generated", alpha=0.5, layers=[0])
+    g = wrap(llama.model, llama.tokenizer, [ia])
+    with pytest.raises(ValueError, match="positions='generated' cannot tell .* prompt_lookup_num_tokens"):
+        g.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2, prompt_lookup_num_tokens=3)

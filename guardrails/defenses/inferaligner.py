@@ -346,6 +346,14 @@ class InferAligner(Defense):
             raise RuntimeError(f"{self.name}: cache_implementation={impl!r} makes generate compile the decode step, "
                                "which can skip steering hooks; pass disable_compile=True in the generation config "
                                "or use the default dynamic cache")
+        if self.config.positions == "generated":
+            # steering.hooks tells prefill from decoding by the number of new positions in a forward.
+            multi = [k for k in ("assistant_model", "prompt_lookup_num_tokens", "prefill_chunk_size") if kw.get(k)
+                     or getattr(kw.get("generation_config"), k, None) or getattr(gen, k, None)]
+            if multi:
+                raise ValueError(f"{self.name}: positions='generated' cannot tell generated positions from prompt ones "
+                                 f"when {multi[0]} is set (several positions per forward); use positions='all' or "
+                                 "drop that option")
         if not disabled and is_static_cache(cache):
             raise RuntimeError(f"{self.name}: a {type(cache).__name__} (compileable static cache) was passed; generate "
                                "compiles the decode step with it, which can skip steering hooks; use a DynamicCache")
