@@ -144,24 +144,24 @@ class ChatPreparer:
 
     def __call__(self, prompts: Sequence[Prompt]) -> Mapping[str, torch.Tensor]:
         conversations = [self.conversation(p, i) for i, p in enumerate(prompts)]
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        old = getattr(tokenizer, "padding_side", None)
-        # Left padding keeps every row's last prompt token at the last position, as generate needs.
-        if old is not None:
-            tokenizer.padding_side = "left"
-        try:
-            return self.processor.apply_chat_template(
-                conversations,
-                add_generation_prompt=self.add_generation_prompt,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                padding=True,
-                **self.template_kwargs,
-            )
-        finally:
-            if old is not None:
-                tokenizer.padding_side = old
+        # Left padding keeps every row's last prompt token at the last position, as generate needs;
+        # asked for per call (not by setting tokenizer.padding_side: a tokenizer may be shared across
+        # threads). Processors take tokenizer options in processor_kwargs, tokenizers in tokenizer_kwargs.
+        from transformers import ProcessorMixin  # here: importing steering must not import transformers
+
+        if isinstance(self.processor, ProcessorMixin):
+            padding: dict[str, Any] = {"processor_kwargs": {"padding": True, "padding_side": "left"}}
+        else:
+            padding = {"padding": True, "tokenizer_kwargs": {"padding_side": "left"}}
+        return self.processor.apply_chat_template(
+            conversations,
+            add_generation_prompt=self.add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            **padding,
+            **self.template_kwargs,
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -189,3 +189,22 @@ def test_generated_positions_refuse_options_that_batch_several_positions(llama, 
     g = wrap(llama.model, llama.tokenizer, [ia])
     with pytest.raises(ValueError, match="positions='generated' cannot tell .* prompt_lookup_num_tokens"):
         g.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2, prompt_lookup_num_tokens=3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava"])
+def test_chat_preparer_left_pads_without_touching_the_shared_tokenizer(tiny, arch):
+    from steering import ChatPreparer
+
+    t = tiny(arch)
+    processor = t.processor if arch == "llava" else t.tokenizer
+    tok = getattr(processor, "tokenizer", processor)
+    original, tok.padding_side = tok.padding_side, "right"
+    try:
+        convs = ["Hi", "Tell me a much longer story about a robot and its friends, please."]
+        if arch == "llava":
+            convs = [[{"role": "user", "content": [{"type": "text", "text": c}]}] for c in convs]
+        enc = ChatPreparer(processor)(convs)
+        assert enc["attention_mask"][0, 0] == 0 and bool(enc["attention_mask"][:, -1].all())  # left padded
+        assert tok.padding_side == "right"  # never changed, not even for the call
+    finally:
+        tok.padding_side = original  # the tiny models are shared by the whole session
