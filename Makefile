@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -c $(LOCK) -e ".[test,ocr,bench]"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[test,ocr,bench,serve]"
 	$(BIN)/pip install -q -c $(LOCK) --no-deps $(NODEPS)
 	$(if $(UPGRADE),$(BIN)/pip install -q --upgrade $(UPGRADE))
 	touch $(STAMP)

@@ -35,16 +35,9 @@ RECOMMENDED = {True: "ocr+protector", False: "protector"}
 
 
 def load_model(name: str):
-    import torch
+    from guardrails.loading import load_for_chat
 
-    from guardrails import load, models
-
-    if name in models.REGISTRY and not models.is_fetched(name):
-        models.fetch(name, progress=lambda line: print(line, file=sys.stderr))
-    # The fetched models are saved in bfloat16. On a CPU without bfloat16 kernels float32 decodes
-    # about 2x faster (measured on the 2-core EPYC machines: 27 s vs 55 s for 4 x 32 tokens).
-    fetched_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return load(name, dtype=fetched_dtype if name in models.REGISTRY else "auto")  # tiny:ARCH too
+    return load_for_chat(name, progress=lambda line: print(line, file=sys.stderr))
 
 
 def choose_model(requested: str | None) -> str:

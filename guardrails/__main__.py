@@ -1,4 +1,4 @@
-"""``python -m guardrails <command>``: screen images, train and run detectors, list defenses, fetch models."""
+"""``python -m guardrails <command>``: screen images, train and run detectors, list defenses, fetch models, serve."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from guardrails._cli import ArgumentParser, entry_point
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 #: modules that add subcommands through a ``register(subparsers)`` function
-COMMAND_MODULES = ("guardrails.ocr.cli", "guardrails.classifiers.cli", "guardrails.models_cli")
+COMMAND_MODULES = ("guardrails.ocr.cli", "guardrails.classifiers.cli", "guardrails.models_cli", "guardrails.server.cli")
 
 
 def _list_defenses(args: argparse.Namespace) -> int:

@@ -360,6 +360,8 @@ class GuardedModel:
         return box["out"]
 
     def _result(self, row: Row, ctx: CallContext) -> GuardedResult:
+        mask, b = ctx.inputs.get("attention_mask"), row.batch_index
+        prompt_tokens = 0 if b is None else int(mask[b].sum()) if mask is not None else ctx.prompt_len
         return GuardedResult(
             text=row.text,
             refused=row.refused,
@@ -368,6 +370,7 @@ class GuardedModel:
             token_ids=row.token_ids,
             original_text=row.original_text,
             conversation=row.conversation,
+            prompt_tokens=prompt_tokens,
         )
 
 

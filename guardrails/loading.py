@@ -79,6 +79,31 @@ def load(model_id: str, *, dtype: Any = "auto", device_map: Any = None, trust_re
     return model, processor
 
 
+def load_for_chat(name: str, *, dtype: str | None = None, progress: Any = None) -> tuple[Any, Any]:
+    """:func:`load` as the demo and ``serve`` use it: a registry model not fetched yet is fetched first
+    (``progress``: a callable taking each progress line), and ``dtype`` (a torch dtype name) defaults
+    to float32 on CPU and bfloat16 on GPU for fetched models, "auto" for the others.
+
+    The fetched models are saved in bfloat16. On a CPU without bfloat16 kernels float32 decodes
+    about 2x faster (measured on the 2-core EPYC machines: 27 s vs 55 s for 4 x 32 tokens).
+    """
+    import torch
+
+    from guardrails import models
+
+    if name in models.REGISTRY and not models.is_fetched(name):
+        models.fetch(name, progress=progress)
+    if dtype is None:
+        chosen: Any = (torch.bfloat16 if torch.cuda.is_available() else torch.float32) if name in models.REGISTRY else "auto"
+    elif dtype == "auto":
+        chosen = "auto"
+    else:
+        chosen = getattr(torch, dtype, None)
+        if not isinstance(chosen, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return load(name, dtype=chosen)
+
+
 def _cannot_load(model_id: str, local: Path, err: Exception) -> str:
     if local.exists():  # a local folder that transformers cannot read: not a hub problem
         return f"cannot load the model in {str(local)!r}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"

@@ -61,6 +61,8 @@ class GuardedResult:
     original_text: str | None = None
     #: the conversation as it was sent to the model, after every before-stage edit
     conversation: list[dict[str, Any]] | None = None
+    #: tokens of the prompt the model answered (padding excluded); 0 for a row refused before generation
+    prompt_tokens: int = 0
 
     @property
     def flagged(self) -> bool:

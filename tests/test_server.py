@@ -1,0 +1,339 @@
+"""The OpenAI-compatible server, live on loopback, driven by the official ``openai`` client.
+
+Tiny random-weight models prove the plumbing: every answer is compared with what the same
+GuardedModel returns when called directly, so a request that got another's answer, a lost
+verdict or a changed option fails here. What the defenses do to real answers is tests/real's job.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx  # the HTTP client the openai package itself uses
+import pytest
+import torch
+
+openai = pytest.importorskip("openai", reason="the server tests drive the official client: pip install openai")
+pytest.importorskip("fastapi", reason="the server needs FastAPI and uvicorn: pip install -e '.[serve]'")
+
+from guardrails import Defense, Refusal, Verdict, wrap  # noqa: E402
+from guardrails.conversation import last_user_text  # noqa: E402
+from guardrails.server.app import create_app  # noqa: E402
+from guardrails.server.config import ServerConfig  # noqa: E402
+from guardrails.server.testing import running_server  # noqa: E402
+from guardrails.testing import build_tiny, make_image  # noqa: E402
+
+KEY = "test-key"
+GEN = {"max_new_tokens": 6, "do_sample": False}
+TIMEOUT = 120
+
+
+class Marks(Defense):
+    """Before: refuses prompts containing "forbidden"; after: records the prompt and a hash of the
+    answer it judged, so a test can tell that a response carries its own request's verdicts."""
+
+    def __init__(self, gate: threading.Event | None = None, fail_on: str | None = None):
+        super().__init__()
+        self.gate, self.fail_on = gate, fail_on
+
+    def _before(self, ctx, rows):
+        if self.gate is not None:
+            assert self.gate.wait(TIMEOUT), "test gate never opened"
+        out = []
+        for r in rows:
+            text = last_user_text(r.conv)
+            flagged = "forbidden" in text
+            v = Verdict(flagged=flagged, score=1.0 if flagged else 0.0, threshold=0.5, action="refuse" if flagged else "pass",
+                        detail={"prompt": text})
+            out.append(Refusal(v, "I can't help with that.") if flagged else v)
+        return out
+
+    def _after(self, ctx, rows):
+        if self.fail_on and any(self.fail_on in last_user_text(r.conv) for r in rows):
+            raise RuntimeError("a defense failed")
+        return [Verdict(detail={"prompt": last_user_text(r.conv), "answer_sha": hashlib.sha256(r.text.encode()).hexdigest()})
+                for r in rows]
+
+
+def png_data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return build_tiny("qwen2")
+
+
+@pytest.fixture(scope="module")
+def served(qwen):
+    """A guarded tiny Qwen2 behind a live server with an API key; (client, base_url, guarded, app)."""
+    guarded = wrap(qwen.model, qwen.processor, defenses=[Marks()])
+    app = create_app(guarded, ServerConfig(model_name="tiny-qwen2", api_key=KEY, max_batch=4, max_wait_ms=50))
+    with running_server(app) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT), url, guarded, app
+
+
+def ask(client, text: str, **kw):
+    return client.chat.completions.create(model="tiny-qwen2", messages=user(text), max_tokens=6, temperature=0, **kw)
+
+
+def test_answer_equals_the_guarded_call(served):
+    client, _, guarded, _ = served
+    r = ask(client, "Tell me about the sea.")
+    ref = guarded.chat(user("Tell me about the sea."), **GEN)
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == ("length" if len(ref.token_ids) == 6 else "stop")
+    assert r.usage.completion_tokens == len(ref.token_ids) and r.usage.prompt_tokens == ref.prompt_tokens > 0
+    g = r.model_extra["guardrails"]
+    assert g["refused"] is False and g["refused_by"] is None
+    assert [(v["defense"], v["stage"], v["action"]) for v in g["verdicts"]] == [(v.defense, v.stage, v.action) for v in ref.verdicts]
+    assert g["verdicts"][1]["detail"]["answer_sha"] == hashlib.sha256(ref.text.encode()).hexdigest()
+    assert set(g["timings"]) == set(ref.timings)
+
+
+def test_stream_equals_the_plain_answer_and_ends_with_the_trace(served):
+    client, _, guarded, _ = served
+    chunks = list(ask(client, "Tell me about the sea.", stream=True, stream_options={"include_usage": True}))
+    ref = guarded.chat(user("Tell me about the sea."), **GEN)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref.text
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason in ("stop", "length")
+    assert [v["action"] for v in last.model_extra["guardrails"]["verdicts"]] == [v.action for v in ref.verdicts]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref.token_ids)
+
+
+def test_refused_request_says_which_defense_and_why(served):
+    client, _, _, _ = served
+    for stream in (False, True):
+        if stream:
+            chunks = list(ask(client, "a forbidden question", stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks)
+            choice, g = chunks[-1].choices[0], chunks[-1].model_extra["guardrails"]
+        else:
+            r = ask(client, "a forbidden question")
+            choice, g, text = r.choices[0], r.model_extra["guardrails"], r.choices[0].message.content
+        assert choice.finish_reason == "content_filter" and text == "I can't help with that."
+        assert g["refused"] and g["refused_by"] == "Marks"
+        assert g["reason"].startswith("Marks flagged the request before generation (score 1.000 >= threshold 0.5")
+
+
+def test_stop_strings_cut_the_answer_as_openai_does(served):
+    client, _, guarded, _ = served
+    ref = guarded.chat(user("Tell me about the sea."), max_new_tokens=12, do_sample=False).text
+    # a stop string taken from inside the reference answer: the reply ends just before it
+    stop = ref[len(ref) // 2: len(ref) // 2 + 2]
+    if not stop.strip():
+        pytest.fail(f"the tiny model's answer {ref!r} has no usable stop string in its middle; change the prompt")
+    for stream in (False, True):
+        kw = {"model": "tiny-qwen2", "messages": user("Tell me about the sea."), "max_tokens": 12, "temperature": 0, "stop": [stop]}
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            r = client.chat.completions.create(**kw)
+            text, reason = r.choices[0].message.content, r.choices[0].finish_reason
+        assert text == ref[: ref.find(stop)] and reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(served):
+    client, _, _, _ = served
+    kw = {"model": "tiny-qwen2", "messages": user("Tell me about the sea."), "max_tokens": 8, "temperature": 1.0, "top_p": 0.9}
+    a = [client.chat.completions.create(seed=s, **kw).choices[0].message.content for s in (1, 1, 2)]
+    assert a[0] == a[1] and a[0] != a[2]
+
+
+def test_concurrent_requests_are_batched_and_never_crossed(served):
+    """N clients at once: every request gets exactly one answer, with its own verdicts."""
+    client, _, guarded, app = served
+    prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(12)]
+    sizes_before = len(app.state.worker.batch_sizes)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda p: ask(client, p), prompts))
+    for p, r in zip(prompts, answers):
+        after = r.model_extra["guardrails"]["verdicts"][1]["detail"]
+        assert after["prompt"] == p  # its own request's verdict ...
+        assert after["answer_sha"] == hashlib.sha256(r.choices[0].message.content.encode()).hexdigest()  # ... on its own answer
+    sizes = app.state.worker.batch_sizes[sizes_before:]
+    assert sum(sizes) == len(prompts) and max(sizes) > 1  # all answered, some together
+
+
+def test_image_request_equals_the_guarded_call():
+    llava = build_tiny("llava")
+    guarded = wrap(llava.model, llava.processor, defenses=[Marks()])
+    image = make_image(llava.image_size, seed=3)
+    with running_server(create_app(guarded, ServerConfig(model_name="tiny-llava"))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        r = client.chat.completions.create(model="tiny-llava", max_tokens=6, temperature=0, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png_data_url(image)}}, {"type": "text", "text": "What is this?"}]}])
+    ref = guarded.chat([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}], **GEN)
+    assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == ref.prompt_tokens
+
+
+def test_auth(served):
+    _, url, _, _ = served
+    for key in ("wrong", ""):
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            openai.OpenAI(base_url=url + "/v1", api_key=key or "x", max_retries=0).models.list()
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": user("hi")})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(url + "/health").json()["api_key_required"] is True  # health needs no key
+
+
+BAD = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"model": "tiny-qwen2"}, 400, "messages must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role must be one of"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "tool calls are not supported"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "content must be a string or a non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, 400, "last message must come from the user"),
+    ({"messages": user("hi"), "model": "gpt-4"}, 404, "not served here"),
+    ({"messages": user("hi"), "max_tokens": 10**6}, 400, "above this server's limit"),
+    ({"messages": user("hi"), "max_tokens": "5"}, 400, "max_tokens must be a whole number"),
+    ({"messages": user("hi"), "temperature": 3}, 400, "temperature must be a number from 0 to 2"),
+    ({"messages": user("hi"), "n": 3}, 400, "n=3 is not supported"),
+    ({"messages": user("hi"), "tools": [{"type": "function"}]}, 400, "tools is not supported"),
+    ({"messages": user("hi"), "frequency_penalty": 0.5}, 400, "frequency_penalty is not supported"),
+    ({"messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be"),
+    ({"messages": user("hi"), "bogus": 1}, 400, "unknown request field 'bogus'"),
+    ({"messages": user("hi"), "stream": "yes"}, 400, "stream must be true or false"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+     400, "reads text only"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, 400, "of type 'text' or 'image_url'"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD, ids=[m for _, _, m in BAD])
+def test_bad_requests_get_a_clear_error(served, body, status, message):
+    _, url, _, _ = served
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=TIMEOUT, **kw)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_unknown_route_and_oversized_body(qwen):
+    guarded = wrap(qwen.model, qwen.processor)
+    with running_server(create_app(guarded, ServerConfig(model_name="m", max_request_bytes=1000))) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": user("x" * 2000)})
+        assert r.status_code == 413 and "limit of 1000" in r.json()["error"]["message"]
+        r = httpx.get(url + "/v1/nothing")
+        assert r.status_code == 404 and "/v1" in r.json()["error"]["message"]
+
+
+def test_images_limits_and_remote_urls():
+    llava = build_tiny("llava")
+    guarded = wrap(llava.model, llava.processor)
+    with running_server(create_app(guarded, ServerConfig(model_name="m", max_image_pixels=100))) as url:
+        def post(image_url: str) -> httpx.Response:
+            return httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT, json={"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "?"}]}]})
+
+        for image_url, message in [(png_data_url(make_image(32)), "above the cap of 100"),
+                                   ("https://example.com/cat.png", "does not fetch images"),
+                                   ("data:image/png;base64,!!!", "invalid base64"),
+                                   ("data:text/plain;base64,aGk=", "not an image"),
+                                   ("file:///etc/passwd", "must be a data: URL")]:
+            r = post(image_url)
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+            assert r.json()["error"]["param"] == "messages[0].content[0].image_url.url"
+
+
+def test_full_queue_answers_429_then_recovers(qwen):
+    gate = threading.Event()
+    guarded = wrap(qwen.model, qwen.processor, defenses=[Marks(gate=gate)])
+    app = create_app(guarded, ServerConfig(model_name="m", max_batch=1, max_queue=1))
+    with running_server(app) as url, ThreadPoolExecutor(2) as pool:
+        body = {"messages": user("hi"), "max_tokens": 2}
+        first = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=TIMEOUT)  # runs, blocked in the gate
+        _wait(lambda: app.state.worker.queued == 0 and app.state.worker.batch_sizes, "the first request to start")
+        second = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=TIMEOUT)  # waits in the queue
+        _wait(lambda: app.state.worker.queued == 1, "the second request to queue")
+        third = httpx.post(url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+        assert third.status_code == 429 and third.headers["Retry-After"] == "1"
+        assert "--max-queue 1" in third.json()["error"]["message"]
+        gate.set()
+        assert first.result(TIMEOUT).status_code == 200 and second.result(TIMEOUT).status_code == 200
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=TIMEOUT).status_code == 200
+
+
+def test_internal_failure_is_500_and_the_server_goes_on(qwen):
+    guarded = wrap(qwen.model, qwen.processor, defenses=[Marks(fail_on="explode")])
+    app = create_app(guarded, ServerConfig(model_name="m", max_batch=4, max_wait_ms=200))
+    with running_server(app) as url, ThreadPoolExecutor(2) as pool:
+        post = lambda text: httpx.post(url + "/v1/chat/completions", json={"messages": user(text), "max_tokens": 3}, timeout=TIMEOUT)  # noqa: E731
+        bad, good = pool.submit(post, "please explode"), pool.submit(post, "a calm question")
+        assert bad.result().status_code == 500 and "RuntimeError: a defense failed" in bad.result().json()["error"]["message"]
+        assert good.result().status_code == 200  # batched with the failing one, answered alone
+        stream = httpx.post(url + "/v1/chat/completions", json={"messages": user("please explode"), "stream": True}, timeout=TIMEOUT)
+        events = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
+        assert "a defense failed" in events[-1]["error"]["message"] and stream.text.rstrip().endswith("data: [DONE]")
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def _wait(cond, what: str, timeout: float = TIMEOUT) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_client_leaving_mid_stream_stops_generation_and_leaves_nothing(qwen):
+    guarded = wrap(qwen.model, qwen.processor, defenses=[Marks()])
+    app = create_app(guarded, ServerConfig(model_name="m", max_tokens_limit=2000))
+    steps = []
+    counter = qwen.model.register_forward_hook(lambda m, a, o: steps.append(1))
+    hooks_before = _hooks(qwen.model)
+    try:
+        with running_server(app) as url:
+            body = {"messages": user("Tell me a long story."), "stream": True, "max_tokens": 2000, "temperature": 0}
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                while not steps:  # generation has started
+                    time.sleep(0.01)
+            # the connection is closed: the worker notices at its next token and is free again
+            t0 = time.monotonic()
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}, timeout=TIMEOUT)
+            assert r.status_code == 200
+            _wait(lambda: not [t for t in threading.enumerate() if t.name == "guardrails-stream"], "the stream thread to end")
+            assert len(steps) < 2000, "generation ran to max_tokens after the client left"
+            assert time.monotonic() - t0 < TIMEOUT
+        assert _hooks(qwen.model) == hooks_before
+    finally:
+        counter.remove()
+
+
+def test_shutdown_finishes_requests_in_flight(qwen):
+    gate = threading.Event()
+    guarded = wrap(qwen.model, qwen.processor, defenses=[Marks(gate=gate)])
+    app = create_app(guarded, ServerConfig(model_name="m", max_batch=1))
+    with ThreadPoolExecutor(1) as pool:
+        with running_server(app) as url:
+            inflight = pool.submit(httpx.post, url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 3},
+                                   timeout=TIMEOUT)
+            _wait(lambda: app.state.worker.batch_sizes, "the request to start")
+            threading.Timer(0.5, gate.set).start()  # released while the server is shutting down
+        # running_server's exit is uvicorn's graceful shutdown: the request in flight was answered
+        assert inflight.result(TIMEOUT).status_code == 200
+    assert not app.state.worker.alive
