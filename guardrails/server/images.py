@@ -32,7 +32,10 @@ def image_from_url(url: Any, *, max_pixels: int, max_bytes: int, allow_remote: b
     try:
         return load_image(data, max_pixels=max_pixels)
     except ImageError as e:
-        raise bad_request(f"{param}: {e}", param) from None
+        msg = str(e)
+        if "above the cap" in msg:  # the library's advice (an environment variable) is for the operator, not the client
+            msg = msg.split(";")[0] + " (this server's --max-image-pixels); send a smaller image"
+        raise bad_request(f"{param}: {msg}", param) from None
 
 
 def _data_url_bytes(url: str, param: str) -> bytes:
