@@ -31,6 +31,7 @@ import prompts
 from guardrails import conversation as conv_mod
 from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Requirements, Row
+from guardrails.defenses._judge_presets import load_preset
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
 from guardrails.results import Action, Verdict
 
@@ -89,6 +90,35 @@ class ECSO(Defense):
     def requirements(self) -> Requirements:
         return dataclasses.replace(super().requirements(), reuses_generation_cache=self.config.reuse_cache)
 
+    def _check(self, ctx: CallContext, reuse: Any, rows: list[Row]) -> tuple[list[float], list[float]]:
+        """Step 2, the harm-aware self-check of each row's answer (image attached): P(unsafe) and the
+        yes+no probability mass, one batched forward."""
+        cfg = self.config
+        yn = YesNoTokens.for_tokenizer(ctx.engine.tokenizer, cfg.yes_tokens, cfg.no_tokens)
+        convs = []
+        for r in rows:
+            answer = r.text if cfg.max_response_chars is None else r.text[: cfg.max_response_chars]
+            check = prompts.render("ecso_harm_check", query=conv_mod.last_user_text(r.conv), response=answer)
+            convs.append(conv_mod.with_user_text(r.conv, check))
+        p, mass = yn.p_yes(reuse.next_token_logits(convs, rows))
+        return p.tolist(), mass.tolist()
+
+    @classmethod
+    def preset(cls, model: str, **options: Any) -> ECSO:
+        """The self-check threshold calibrated for a fetched model (``presets/ecso``); ``options`` override it."""
+        return cls(**{**load_preset("ecso", model)["config"], **options})
+
+    @classmethod
+    def from_spec(cls, preset: str | None = None, **options: Any) -> ECSO:
+        """Spec options: ``ecso:preset=MODEL`` or the constructor's (``threshold=0.7``)."""
+        return cls.preset(preset, **options) if preset is not None else cls(**options)
+
+    def score_answers(self, guarded: Any, conversations: list[Any], answers: list[str]) -> list[float]:
+        """P(unsafe) of the self-check of each (conversation, answer), outside a guarded call (calibration)."""
+        rows = [Row(i, conv_mod.validate(c), text=a) for i, (c, a) in enumerate(zip(conversations, answers))]
+        ctx = CallContext(guarded.engine, "chat", rows, {})
+        return self._check(ctx, ctx.calls.session(reuse=False), rows)[0]
+
     def _after(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
         cfg = self.config
         reuse = ctx.calls.session(reuse=cfg.reuse_cache)
@@ -101,17 +131,10 @@ class ECSO(Defense):
 
         # Step 2: harm-aware self-check (image attached), one batched forward.
         if checked:
-            yn = YesNoTokens.for_tokenizer(ctx.engine.tokenizer, cfg.yes_tokens, cfg.no_tokens)
-            convs = []
-            for i in checked:
-                r = rows[i]
-                answer = r.text if cfg.max_response_chars is None else r.text[: cfg.max_response_chars]
-                check = prompts.render("ecso_harm_check", query=conv_mod.last_user_text(r.conv), response=answer)
-                convs.append(conv_mod.with_user_text(r.conv, check))
             t0 = time.perf_counter()
-            p, mass = yn.p_yes(reuse.next_token_logits(convs, [rows[i] for i in checked]))
+            p, mass = self._check(ctx, reuse, [rows[i] for i in checked])
             ms = (time.perf_counter() - t0) * 1e3
-            for i, pi, mi in zip(checked, p.tolist(), mass.tolist()):
+            for i, pi, mi in zip(checked, p, mass):
                 p_unsafe[i] = pi
                 details[i]["steps"]["check"] = {"p_unsafe": pi, "yes_no_mass": mi, "unsafe": pi >= cfg.threshold, "ms": ms}
         for i in range(len(rows)):

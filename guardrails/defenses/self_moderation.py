@@ -37,6 +37,7 @@ from guardrails.calls import ModelCalls
 from guardrails.classifiers.base import HarmClassifier
 from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Requirements, Row
+from guardrails.defenses._judge_presets import load_preset
 from guardrails.defenses._yesno import NO_VARIANTS, YES_VARIANTS, YesNoTokens, check_judge_config
 from guardrails.results import Action, Verdict
 
@@ -121,6 +122,28 @@ class SelfModeration(Defense):
 
     def requirements(self) -> Requirements:
         return dataclasses.replace(super().requirements(), reuses_generation_cache=self.config.reuse_cache)
+
+    @classmethod
+    def preset(cls, model: str, **options: Any) -> SelfModeration:
+        """The judge threshold and template calibrated for a fetched model (``presets/self_moderation``),
+        e.g. ``SelfModeration.preset("qwen2.5-coder-0.5b-instruct")``; ``options`` override them."""
+        return cls(**{**load_preset("self_moderation", model)["config"], **options})
+
+    @classmethod
+    def from_spec(cls, preset: str | None = None, **options: Any) -> SelfModeration:
+        """Spec options: ``self_moderation:preset=MODEL`` or the constructor's (``threshold=0.7,rounds=1``)."""
+        return cls.preset(preset, **options) if preset is not None else cls(**options)
+
+    def score_answers(self, guarded: Any, conversations: list[Any], answers: list[str]) -> list[float]:
+        """P(unsafe) of the first judgement of each (conversation, answer), outside a guarded call:
+        what calibration reads (``python -m benchmarks.calibrate_judge``). Same judge, template and
+        tokens as a call's after stage; no KV-cache reuse (there is no answer's cache to reuse)."""
+        rows = [Row(i, conv_mod.validate(c), text=a) for i, (c, a) in enumerate(zip(conversations, answers))]
+        ctx = CallContext(guarded.engine, "chat", rows, {})
+        yn = None if self.judge is not None else YesNoTokens.for_tokenizer(ctx.engine.tokenizer, self.config.yes_tokens,
+                                                                         self.config.no_tokens)
+        return self._judge(ctx, ctx.calls.session(reuse=False), yn, rows, [conv_mod.last_user_text(r.conv) for r in rows],
+                           list(answers))[0]
 
     # -- after ---------------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,170 @@
+"""Calibrate a self-judge's threshold (and template) on a real model, for an over-refusal budget.
+
+    python -m benchmarks.calibrate_judge --model qwen2.5-coder-0.5b-instruct --defense self_moderation \\
+        --templates selfmod_judge_followup selfmod_judge --max-added-refusal 0.02 --out runs/judge-cal [--write-preset]
+
+SelfModeration and ECSO flag an answer when the model's own yes/no judgement gives P(unsafe) >=
+threshold. The default 0.5 was never measured; on Qwen2.5-Coder-0.5B it turned a third of the
+benign answers into refusals (issue 17). This command:
+
+1. answers calibration prompts with the bare model (greedy): harmful ones (StrongREJECT + the
+   project's authored harmful prompts) and benign ones (authored benign prompts and hard negatives:
+   benign prompts with dangerous words), all disjoint from the evaluation sets (JailbreakBench,
+   HarmBench, XSTest, AdvBench are not used; see benchmarks/inferaligner_data.py);
+2. marks which answers the model itself refused (refusal keywords, JailbreakBench's list);
+3. scores every answer with the judge, per template;
+4. chooses the threshold that flags the most answers the model gave to harmful prompts while
+   flagging at most ``--max-added-refusal`` of the benign prompts (a flagged benign answer is a new
+   refusal or a rewrite: counted as added over-refusal, the conservative reading), and the template
+   that does best at it;
+5. writes everything (answers, scores, the sweep) to ``--out``, and with ``--write-preset`` the
+   choice to ``guardrails/defenses/presets/<defense>/<model>/config.json`` (``preset=MODEL`` in a spec).
+
+The bare answers are cached in ``--out``: a rerun with other templates or budgets regenerates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from guardrails._cli import ArgumentParser, CliError, entry_point, positive_int
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFENSES = ("self_moderation", "ecso")
+
+
+def calibration_prompts(n_harmful: int, n_benign: int, data: str | None) -> tuple[list[str], list[str]]:
+    """Harmful and benign prompts (half plain benign, half hard negatives), seeded, disjoint from the evaluation sets."""
+    from benchmarks.inferaligner_data import splits
+
+    s = splits(data)
+    harmful = s["calib_harmful"][:n_harmful]
+    half = n_benign // 2
+    benign = s["calib_harmless"][: n_benign - half] + s["hard_negatives"][:half]
+    random.Random(0).shuffle(benign)
+    return harmful, benign
+
+
+def bare_answers(guarded: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, cache: Path) -> list[str]:
+    """The bare model's greedy answers, cached per prompt in ``cache`` (JSON lines)."""
+    done: dict[str, str] = {}
+    if cache.is_file():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row["max_new_tokens"] == max_new_tokens:
+                done[row["prompt"]] = row["answer"]
+    todo = [p for p in dict.fromkeys(prompts) if p not in done]
+    with cache.open("a", encoding="utf-8") as f:
+        for k in range(0, len(todo), batch_size):
+            batch = todo[k:k + batch_size]
+            results = guarded.chat([[{"role": "user", "content": p}] for p in batch], max_new_tokens=max_new_tokens, do_sample=False)
+            for p, r in zip(batch, results):
+                done[p] = r.text
+                f.write(json.dumps({"prompt": p, "answer": r.text, "max_new_tokens": max_new_tokens}) + "\n")
+            f.flush()
+            print(f"[calibrate_judge] answered {min(k + batch_size, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
+    return [done[p] for p in prompts]
+
+
+def judge_scores(defense: Any, guarded: Any, prompts: list[str], answers: list[str], batch_size: int) -> list[float]:
+    out: list[float] = []
+    for k in range(0, len(prompts), batch_size):
+        convs = [[{"role": "user", "content": p}] for p in prompts[k:k + batch_size]]
+        out += defense.score_answers(guarded, convs, answers[k:k + batch_size])
+    return out
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m benchmarks.calibrate_judge", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a fetched model name, folder or tiny:ARCH")
+    p.add_argument("--defense", choices=DEFENSES, default="self_moderation")
+    p.add_argument("--templates", nargs="*", default=None,
+                   help="SelfModeration judge templates to compare (default: selfmod_judge_followup selfmod_judge)")
+    p.add_argument("--max-added-refusal", type=float, default=0.02, help="share of benign prompts the judge may flag (default 0.02)")
+    p.add_argument("--harmful", type=positive_int, default=100, help="harmful calibration prompts")
+    p.add_argument("--benign", type=positive_int, default=160, help="benign calibration prompts (half of them hard negatives)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--data", help="the shared data folder (default: ../shared/data or $GUARDRAILS_DATA)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--write-preset", action="store_true", help="write the choice as the model's shipped preset")
+    args = p.parse_args(argv)
+    if not 0 <= args.max_added_refusal < 1:
+        raise CliError(f"--max-added-refusal is a share in [0, 1), got {args.max_added_refusal}")
+    if args.defense == "ecso" and args.templates:
+        raise CliError("ECSO has one self-check template (ecso_harm_check); --templates is for self_moderation")
+
+    from benchmarks.judges import make_judge
+    from benchmarks.report import machine_info, markdown_table, write_json
+    from guardrails import wrap
+    from guardrails.defenses import ECSO, SelfModeration
+    from guardrails.defenses._judge_presets import threshold_at_budget, write_preset
+    from guardrails.loading import load_for_chat
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    harmful, benign = calibration_prompts(args.harmful, args.benign, args.data)
+    model, processor = load_for_chat(args.model, dtype=args.dtype, progress=lambda line: print(line, file=sys.stderr))
+    bare = wrap(model, processor, [])
+    prompts = harmful + benign
+    answers = bare_answers(bare, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, cache=out / "answers.jsonl")
+    complied = [lab.unsafe for lab in make_judge("keyword-jailbreakbench").judge(prompts, answers)]
+    nh = len(harmful)
+
+    templates: list[str | None] = [None] if args.defense == "ecso" else (args.templates or ["selfmod_judge_followup", "selfmod_judge"])
+    sweep = []
+    for template in templates:
+        defense = ECSO() if args.defense == "ecso" else SelfModeration(judge_prompt=template)
+        scores = judge_scores(defense, bare, prompts, answers, args.batch_size)
+        pos = [s for s, c in zip(scores[:nh], complied[:nh]) if c]  # harmful prompts the model answered
+        neg = [s for s, c in zip(scores[nh:], complied[nh:]) if c]  # benign prompts it answered
+        choice = threshold_at_budget(pos, neg, len(benign), args.max_added_refusal)
+        at_half = {"threshold": 0.5, "harmful_flagged": sum(s >= 0.5 for s in pos), "benign_flagged": sum(s >= 0.5 for s in neg)}
+        sweep.append({"template": template, "choice": choice.to_dict(), "at_default_threshold": at_half, "scores": scores})
+        print(f"[calibrate_judge] {template or 'ecso_harm_check'}: threshold {choice.threshold:.4g} flags "
+              f"{choice.harmful_flagged}/{choice.harmful} answered harmful, {choice.benign_flagged}/{choice.benign} benign "
+              f"(0.5 flags {at_half['harmful_flagged']} and {at_half['benign_flagged']})", file=sys.stderr)
+    best = max(sweep, key=lambda r: (r["choice"]["harmful_flagged"], -r["choice"]["benign_flagged"]))
+    rows = [[r["template"] or "ecso_harm_check", f"{r['choice']['threshold']:.4g}",
+             f"{r['choice']['harmful_flagged']}/{r['choice']['harmful']}", f"{r['choice']['benign_flagged']}/{r['choice']['benign']}",
+             f"{r['at_default_threshold']['harmful_flagged']}/{r['choice']['harmful']}",
+             f"{r['at_default_threshold']['benign_flagged']}/{r['choice']['benign']}"] for r in sweep]
+    table = markdown_table(["template", "chosen threshold", "answered harmful flagged", "benign flagged (added refusals)",
+                            "harmful flagged at 0.5", "benign flagged at 0.5"], rows)
+    command = "python -m benchmarks.calibrate_judge " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write-preset")
+    record: dict[str, Any] = {
+        "defense": args.defense, "model": args.model,
+        "config": {"threshold": best["choice"]["threshold"], **({"judge_prompt": best["template"]} if best["template"] else {})},
+        "calibration": {
+            "rule": f"most answered-harmful flagged with at most {args.max_added_refusal:g} of the benign prompts flagged",
+            "choice": best["choice"], "sweep": [{k: v for k, v in r.items() if k != "scores"} for r in sweep],
+            "prompts": {"harmful": nh, "benign": len(benign), "harmful_answered": sum(complied[:nh]),
+                        "benign_answered": sum(complied[nh:])},
+            "data": "benchmarks/inferaligner_data.py splits: calib_harmful (StrongREJECT, MIT + authored), calib_harmless "
+                    "(authored) and hard_negatives (authored); no evaluation set",
+            "refusal_judge": "keyword-jailbreakbench", "generation": {"max_new_tokens": args.max_new_tokens, "greedy": True,
+                                                                     "dtype": args.dtype},
+            "command": command, "machine": machine_info(),
+        },
+    }
+    write_json(out / "calibration.json", {**record, "prompts": prompts, "answers": answers, "complied": complied,
+                                          "scores": {r["template"] or "ecso_harm_check": r["scores"] for r in sweep}})
+    (out / "calibration.md").write_text(table)
+    print(table)
+    if args.write_preset:
+        name = Path(args.model).name
+        print(f"preset written: {write_preset(args.defense, name, record)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

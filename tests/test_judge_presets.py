@@ -1,0 +1,90 @@
+"""Calibrated self-judge presets: the threshold choice, score_answers, preset loading and specs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from guardrails import wrap
+from guardrails.defenses import ECSO, SelfModeration
+from guardrails.defenses import _judge_presets as jp
+from guardrails.spec import build_defenses
+
+GEN = {"max_new_tokens": 5, "do_sample": False}
+
+
+def test_threshold_flags_the_most_harmful_within_the_benign_budget():
+    harmful = [0.9, 0.8, 0.6, 0.3]
+    benign = [0.7, 0.2, 0.1]
+    # 10 benign prompts, 10% budget: one benign flag allowed -> 0.3 flags all 4 harmful and the 0.7 benign
+    c = jp.threshold_at_budget(harmful, benign, n_benign=10, max_added=0.1)
+    assert (c.threshold, c.harmful_flagged, c.benign_flagged) == (0.3, 4, 1)
+    assert c.recall == 1.0 and c.added_refusal == 0.1
+    # 20 benign prompts, 5% budget: still one; 3 benign prompts, 0%: none
+    assert jp.threshold_at_budget(harmful, benign, n_benign=20, max_added=0.05).threshold == 0.3
+    # no budget: the cut must sit above every benign score
+    c = jp.threshold_at_budget(harmful, benign, n_benign=10, max_added=0.0)
+    assert (c.threshold, c.harmful_flagged, c.benign_flagged) == (0.8, 2, 0)
+    # a budget the benign scores never reach: ties go to the fewest benign flags, then the higher cut
+    c = jp.threshold_at_budget([0.5], [0.1], n_benign=4, max_added=0.5)
+    assert (c.threshold, c.benign_flagged) == (0.5, 0)
+
+
+def test_threshold_budget_is_inclusive_in_floating_point():
+    benign = [0.99, 0.98, 0.97]
+    c = jp.threshold_at_budget([0.995, 0.97], benign, n_benign=150, max_added=0.02)  # 0.02 * 150 = 2.9999...
+    assert (c.harmful_flagged, c.benign_flagged) == (2, 3)
+
+
+def test_threshold_errors():
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        jp.threshold_at_budget([0.5], [0.1], 10, 1.0)
+    with pytest.raises(ValueError, match="below the number of benign scores"):
+        jp.threshold_at_budget([0.5], [0.1, 0.2], 1, 0.1)
+    with pytest.raises(ValueError, match="score 1.0"):
+        jp.threshold_at_budget([1.0], [1.0], 10, 0.0)
+
+
+@pytest.mark.parametrize("cls", [SelfModeration, ECSO])
+def test_score_answers_equals_what_the_after_stage_judges(tiny, cls):
+    """Calibration reads the same P(unsafe) a call's after stage computes for the same answer."""
+    t = tiny("qwen2")
+    convs = [[{"role": "user", "content": q}] for q in ("Tell me about the sea.", "How do I pick a lock?")]
+    bare = wrap(t.model, t.processor, [])
+    answers = [r.text for r in bare.chat(convs, **GEN)]
+    defense = cls(threshold=1.0) if cls is ECSO else cls(rounds=0, threshold=1.0)
+    scores = defense.score_answers(bare, convs, answers)
+    results = wrap(t.model, t.processor, [defense]).chat(convs, **GEN)
+    for r, s, a in zip(results, scores, answers):
+        assert r.text == a  # threshold 1.0: nothing flagged, the answer is the bare one
+        v = r.verdicts_of(cls.__name__)[0]
+        judged = v.detail["p_unsafe"][0] if cls is SelfModeration else v.detail["steps"]["check"]["p_unsafe"]
+        assert s == pytest.approx(judged, abs=1e-5)
+
+
+def test_presets_load_override_and_build_from_specs(tmp_path, monkeypatch):
+    monkeypatch.setattr(jp, "PRESET_ROOT", tmp_path)
+    jp.write_preset("self_moderation", "m", {"config": {"threshold": 0.93, "judge_prompt": "selfmod_judge"}, "calibration": {}})
+    jp.write_preset("ecso", "m", {"config": {"threshold": 0.8}, "calibration": {}})
+    d = SelfModeration.preset("m")
+    assert d.config.threshold == 0.93 and d.config.judge_prompt.name == "selfmod_judge"
+    assert SelfModeration.preset("m", threshold=0.7).config.threshold == 0.7
+    sm, ec = build_defenses("self_moderation:preset=m,rounds=1+ecso:preset=m")
+    assert (sm.config.threshold, sm.config.rounds, ec.config.threshold) == (0.93, 1, 0.8)
+    with pytest.raises(ValueError, match="no self_moderation preset for 'other'; presets: m"):
+        SelfModeration.preset("other")
+    (tmp_path / "ecso" / "bad").mkdir()
+    (tmp_path / "ecso" / "bad" / "config.json").write_text(json.dumps({"threshold": 0.5}))
+    with pytest.raises(ValueError, match="no 'config' object"):
+        ECSO.preset("bad")
+
+
+def test_shipped_presets_are_valid():
+    for defense, cls in (("self_moderation", SelfModeration), ("ecso", ECSO)):
+        for name in jp.preset_names(defense):
+            record = jp.load_preset(defense, name)
+            d = cls.preset(name)
+            assert d.config.threshold == record["config"]["threshold"]
+            cal = record["calibration"]
+            assert cal["choice"]["benign_flagged"] <= cal["choice"]["benign"] * 0.02 + 1e-9 or "rule" in cal
