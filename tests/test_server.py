@@ -225,16 +225,63 @@ BAD = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
      400, "reads text only"),
     ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, 400, "of type 'text' or 'image_url'"),
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "not valid JSON"),
+    (b'{"messages": [], "seed": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "lone surrogate"),
+    ({"messages": user("hi"), "seed": -1}, 400, "seed must be a whole number from 0"),
+    ({"messages": user("hi"), "max_tokens": 5, "max_completion_tokens": 10**6}, 400, "max_completion_tokens=1000000 is above"),
+    ({"messages": user("hi"), "stop": "x" * 300}, 400, "strings of 1 to 256 characters"),
+    ({"messages": user("x " * 600)}, 400, "above this model's context of 512 tokens"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}] * 9}]}, 400,
+     "holds 9 images, above this server's limit of 8"),
 ]
 
 
-@pytest.mark.parametrize(("body", "status", "message"), BAD, ids=[m for _, _, m in BAD])
+@pytest.mark.parametrize(("body", "status", "message"), BAD, ids=[m[:40] for _, _, m in BAD])
 def test_bad_requests_get_a_clear_error(served, body, status, message):
     _, url, _, _ = served
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=TIMEOUT, **kw)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]["message"]
+
+
+def test_harmless_client_fields_are_accepted(served):
+    client, _, guarded, _ = served
+    # sent by the openai client or SDK users; they change nothing about the answer
+    r = ask(client, "Tell me about the sea.", safety_identifier="user-1", prompt_cache_key="k", parallel_tool_calls=False,
+            top_logprobs=0, user="u", metadata={"a": "b"})
+    assert r.choices[0].message.content == guarded.chat(user("Tell me about the sea."), **GEN).text
+    # a temperature too small to sample with is greedy decoding, not an overflow
+    r = client.chat.completions.create(model="tiny-qwen2", messages=user("Tell me about the sea."), max_tokens=6, temperature=1e-300)
+    assert r.choices[0].message.content == guarded.chat(user("Tell me about the sea."), **GEN).text
+
+
+def test_stop_strings_match_the_answer_only_and_never_cut_a_refusal(served):
+    client, _, guarded, _ = served
+    ref = guarded.chat(user("Tell me about the sea."), **GEN).text
+    # "\n" + its first character spans the template's "assistant\n" and the answer: not in the answer
+    stop = "\n" + ref[0]
+    assert stop not in ref
+    assert ask(client, "Tell me about the sea.", stop=[stop]).choices[0].message.content == ref
+    for stream in (False, True):
+        kw = {"stop": ["can"], "stream": stream}
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in ask(client, "a forbidden question", **kw) if c.choices)
+        else:
+            text = ask(client, "a forbidden question", **kw).choices[0].message.content
+        assert text == "I can't help with that."
+
+
+def test_a_refused_request_does_not_split_its_batch(qwen):
+    guarded = wrap(qwen.model, qwen.processor, defenses=[Marks()])
+    app = create_app(guarded, ServerConfig(model_name="m", max_batch=4, max_wait_ms=500))
+    with running_server(app) as url, ThreadPoolExecutor(3) as pool:
+        texts = ["first question", "a forbidden question", "third question"]
+        post = lambda t: httpx.post(url + "/v1/chat/completions", json={"messages": user(t), "max_tokens": 3}, timeout=TIMEOUT)  # noqa: E731
+        answers = list(pool.map(post, texts))
+    assert [a.json()["choices"][0]["finish_reason"] for a in answers] == ["length", "content_filter", "length"]
+    assert app.state.worker.batch_sizes == [3]  # one call, not a failed call and three retries
 
 
 def test_unknown_route_and_oversized_body(qwen):
@@ -316,7 +363,7 @@ def test_client_leaving_mid_stream_stops_generation_and_leaves_nothing(qwen):
     hooks_before = _hooks(qwen.model)
     try:
         with running_server(app) as url:
-            body = {"messages": user("Tell me a long story."), "stream": True, "max_tokens": 2000, "temperature": 0}
+            body = {"messages": user("Tell me a long story."), "stream": True, "max_tokens": 400, "temperature": 0}
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
                 lines = r.iter_lines()
                 assert next(lines).startswith("data: ")
@@ -327,11 +374,44 @@ def test_client_leaving_mid_stream_stops_generation_and_leaves_nothing(qwen):
             r = httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}, timeout=TIMEOUT)
             assert r.status_code == 200
             _wait(lambda: not [t for t in threading.enumerate() if t.name == "guardrails-stream"], "the stream thread to end")
-            assert len(steps) < 2000, "generation ran to max_tokens after the client left"
+            assert len(steps) < 400, "generation ran to max_tokens after the client left"
             assert time.monotonic() - t0 < TIMEOUT
         assert _hooks(qwen.model) == hooks_before
     finally:
         counter.remove()
+
+
+def test_plain_client_leaving_stops_its_generation(qwen):
+    guarded = wrap(qwen.model, qwen.processor)
+    app = create_app(guarded, ServerConfig(model_name="m"))
+    steps = []
+    counter = qwen.model.register_forward_hook(lambda m, a, o: steps.append(1))
+    try:
+        with running_server(app) as url:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 450}, timeout=0.3)
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}, timeout=TIMEOUT)
+            assert r.status_code == 200
+        assert len(steps) < 450, "generation ran to max_tokens after the client left"
+    finally:
+        counter.remove()
+
+
+def test_shutdown_past_the_grace_answers_503_in_json(qwen):
+    gate = threading.Event()
+    guarded = wrap(qwen.model, qwen.processor, defenses=[Marks(gate=gate)])
+    app = create_app(guarded, ServerConfig(model_name="m", max_batch=1, shutdown_grace_s=0.5))
+    with ThreadPoolExecutor(2) as pool:
+        with running_server(app) as url:
+            post = lambda: httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 300}, timeout=TIMEOUT)  # noqa: E731
+            running = pool.submit(post)
+            _wait(lambda: app.state.worker.batch_sizes, "the first request to start")
+            queued = pool.submit(post)
+            _wait(lambda: app.state.worker.queued == 1, "the second request to queue")
+            threading.Timer(1.5, gate.set).start()  # past the grace: the running call is stopped at its first token
+        for f in (running, queued):
+            r = f.result(TIMEOUT)
+            assert r.status_code == 503 and "shut down" in r.json()["error"]["message"]
 
 
 def test_shutdown_finishes_requests_in_flight(qwen):

@@ -39,7 +39,7 @@ def create_app(guarded: Any | None, config: ServerConfig, moderator: Any | None 
     if guarded is None and moderator is None:
         raise ValueError("create_app needs a guarded model, a moderator, or both")
     if guarded is not None and config.model_name is None:
-        config = config.replace(model_name=type(guarded.unwrap()).__name__)
+        config = config.replace(model_name=type(guarded.model).__name__)
     if guarded is None and config.model_name is not None:
         config = config.replace(model_name=None)
     worker = ModelWorker(guarded, config) if guarded is not None else None
@@ -93,8 +93,8 @@ def create_app(guarded: Any | None, config: ServerConfig, moderator: Any | None 
                 raise RequestError(413, f"the request body is above this server's limit of {limit} bytes")
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # also bad UTF-8, integers of over 4300 digits, deep nesting
+            raise RequestError(400, f"the request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
@@ -129,20 +129,30 @@ def create_app(guarded: Any | None, config: ServerConfig, moderator: Any | None 
         if worker is None or guarded is None:
             raise RequestError(404, "this server runs --moderation-only: it has no chat model; use POST /v1/moderations",
                                code="model_not_found")
+        worker.check_capacity()  # before decoding images: a full server refuses cheaply
         job = await run_in_threadpool(protocol.parse_chat, body, config, multimodal=guarded.engine.multimodal)
         pending = worker.submit(job, asyncio.get_running_loop())
         if job.stream:
             return StreamingResponse(_sse(pending, config), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # Starlette does not cancel a plain handler when its client leaves: watch, so the generation stops.
+        watch = asyncio.create_task(_cancel_on_disconnect(request, pending))
         try:
             kind, value = await _next_event(pending, config)
         finally:
-            pending.cancel()  # no-op once answered; frees the slot if this handler was cancelled
+            watch.cancel()
+            pending.cancel()  # no-op once answered
         if kind == "error":
             raise value
         return JSONResponse(_completion(pending, value, config))
 
     return app
+
+
+async def _cancel_on_disconnect(request: Request, pending: Pending, every_s: float = 0.25) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    pending.cancel()
 
 
 async def _next_event(pending: Pending, config: ServerConfig) -> tuple[str, Any]:

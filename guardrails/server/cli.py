@@ -75,17 +75,15 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from guardrails.server.app import create_app
+    from guardrails.server.testing import GuardedServer
 
     guarded, moderator, config = build(args)
     app = create_app(guarded, config, moderator)
     where = f"http://{config.host}:{config.port}"
     print(f"serving {config.model_name or 'moderation only'} with {guarded!r} on {where} (web chat at {where}/)",
           file=sys.stderr, flush=True)
-    # uvicorn's graceful shutdown (SIGINT/SIGTERM): stop accepting, let requests in flight finish for
-    # the grace period, then the app's lifespan fails whatever is left with 503.
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=int(config.shutdown_grace_s) or None)
+    # SIGINT/SIGTERM: new requests get 503, those in flight finish for --shutdown-grace seconds, the
+    # rest get 503, then uvicorn closes the connections (GuardedServer).
+    GuardedServer(app, host=config.host, port=config.port).run()
     return 0

@@ -27,6 +27,10 @@ class ServerConfig(Config):
     max_request_bytes: int = 16 * 1024 * 1024
     #: width x height of each image, checked from its header before decoding
     max_image_pixels: int = 20_000_000
+    #: images in one request (each is decoded before the request is queued)
+    max_images: int = 8
+    #: prompt tokens + max_tokens of one request; None: the model's max_position_embeddings
+    max_context_tokens: int | None = None
     #: images given as http(s) URLs are fetched only when this is on
     allow_remote_images: bool = False
     #: the most new tokens a request may ask for; also the default when it asks for none
@@ -39,16 +43,17 @@ class ServerConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("port", "max_batch", "max_queue", "max_request_bytes", "max_image_pixels", "max_tokens_limit",
-                     "default_max_tokens"):
+        for name in ("port", "max_batch", "max_queue", "max_request_bytes", "max_image_pixels", "max_images",
+                     "max_tokens_limit", "default_max_tokens", "max_context_tokens"):
             v = getattr(self, name)
-            low = 0 if name == "port" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            low = 0 if name in ("port", "max_images") else 1
+            if (v is not None or name != "max_context_tokens") and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
         for name in ("max_wait_ms", "request_timeout_s", "shutdown_grace_s"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+            low_ok = v > 0 if name == "request_timeout_s" else v >= 0
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low_ok:
+                raise ValueError(f"{name} must be a number {'> 0' if name == 'request_timeout_s' else '>= 0'}, got {v!r}")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})")
         if self.api_key is not None and not self.api_key.strip():

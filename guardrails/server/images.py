@@ -16,6 +16,12 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*
 REMOTE_TIMEOUT_S = 10.0
 
 
+def image_part_url(part: dict[str, Any]) -> Any:
+    """The URL of an ``image_url`` content part: ``{"image_url": {"url": ...}}`` or the bare string form."""
+    spec = part.get("image_url")
+    return spec.get("url") if isinstance(spec, dict) else spec
+
+
 def image_from_url(url: Any, *, max_pixels: int, max_bytes: int, allow_remote: bool, param: str) -> Any:
     """The RGB PIL image of an ``image_url``; a one-line 400 naming ``param`` for anything unusable."""
     if not isinstance(url, str) or not url:

@@ -23,7 +23,7 @@ from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.results import check_threshold
 from guardrails.server.config import ServerConfig
 from guardrails.server.errors import RequestError, bad_request
-from guardrails.server.images import image_from_url
+from guardrails.server.images import image_from_url, image_part_url
 
 #: OpenAI's category keys (omni-moderation), in its order; always null here: nothing measures them.
 OPENAI_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
@@ -193,9 +193,7 @@ class Moderator:
                 if self._ocr_error is not None:
                     raise bad_request(f"{where} is an image but this server cannot read images ({self._ocr_error}); "
                                       "send text only", where)
-                spec = part.get("image_url")
-                url = spec.get("url") if isinstance(spec, dict) else spec
-                image = image_from_url(url, max_pixels=self.config.max_image_pixels, max_bytes=self.config.max_request_bytes,
+                image = image_from_url(image_part_url(part), max_pixels=self.config.max_image_pixels, max_bytes=self.config.max_request_bytes,
                                        allow_remote=self.config.allow_remote_images, param=f"{where}.image_url.url")
                 item.images.append((i, image))
             else:

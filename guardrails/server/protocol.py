@@ -17,19 +17,25 @@ from typing import Any
 from guardrails.results import GuardedResult, Verdict
 from guardrails.server.config import ServerConfig
 from guardrails.server.errors import RequestError, bad_request
-from guardrails.server.images import image_from_url
+from guardrails.server.images import image_from_url, image_part_url
 
 #: request fields with no effect on the answer: accepted, as OpenAI accepts them
-_IGNORED = frozenset({"model", "messages", "stream", "stream_options", "user", "metadata", "store", "service_tier"})
+_IGNORED = frozenset({"model", "messages", "stream", "stream_options", "user", "metadata", "store", "service_tier",
+                      "safety_identifier", "prompt_cache_key"})
 #: request fields honoured (see ChatJob.generate_kwargs)
 _HONOURED = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n"})
-#: fields that would change the answer in a way this server does not implement, with the value that means "off"
-_UNSUPPORTED_UNLESS = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
-                       "logprobs": False, "top_logprobs": None, "frequency_penalty": 0, "presence_penalty": 0,
-                       "logit_bias": None, "response_format": None, "parallel_tool_calls": None,
-                       "reasoning_effort": None, "modalities": None, "audio": None, "prediction": None}
+#: fields that would change the answer in a way this server does not implement, with the values that mean "off"
+_UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None, False, True),
+    "reasoning_effort": (None,), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
+#: characters of one stop string (each is matched against the tail of every row at every token)
+MAX_STOP_CHARS = 256
+#: below this, sampling is numerically greedy (and a tiny temperature overflows the softmax)
+_GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -56,15 +62,12 @@ class ChatJob:
 def parse_chat(body: Any, config: ServerConfig, *, multimodal: bool) -> ChatJob:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object with 'model' and 'messages'")
-    if config.model_name is None:
-        raise RequestError(404, "this server runs --moderation-only: it has no chat model; use POST /v1/moderations",
-                           code="model_not_found")
     model = body.get("model")
     if model is not None and model != config.model_name:
         raise RequestError(404, f"model {model!r} is not served here; this server serves {config.model_name!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
     for name, off in _UNSUPPORTED_UNLESS.items():
-        if body.get(name, off) not in (off, None):
+        if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in off):
             raise bad_request(f"{name} is not supported by this server; remove it from the request", name)
     unknown = sorted(set(body) - _IGNORED - _HONOURED - set(_UNSUPPORTED_UNLESS))
     if unknown:
@@ -104,14 +107,16 @@ def _generate_options(body: dict[str, Any], config: ServerConfig) -> tuple[dict[
     n = _integer(body, "n", 1, 1 << 30)
     if n is not None and n != 1:
         raise bad_request(f"n={n} is not supported: this server returns one choice per request; send n requests", "n")
-    tokens = [t for t in (_integer(body, k, 1, 1 << 30) for k in ("max_completion_tokens", "max_tokens")) if t is not None]
-    max_new = tokens[0] if tokens else config.default_max_tokens
+    # max_completion_tokens is OpenAI's current name; max_tokens the deprecated one it replaces
+    field = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
+    max_new = config.default_max_tokens if field is None else _integer(body, field, 1, 1 << 30)
+    assert max_new is not None
     if max_new > config.max_tokens_limit:
-        raise bad_request(f"max_tokens={max_new} is above this server's limit of {config.max_tokens_limit}", "max_tokens")
+        raise bad_request(f"{field}={max_new} is above this server's limit of {config.max_tokens_limit}", field)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new}
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0)
-    if temperature == 0.0:
+    if temperature is not None and temperature < _GREEDY_BELOW:
         kwargs["do_sample"] = False
     elif temperature is not None or top_p is not None:
         kwargs["do_sample"] = True
@@ -125,15 +130,20 @@ def _generate_options(body: dict[str, Any], config: ServerConfig) -> tuple[dict[
     stops: tuple[str, ...] = ()
     if stop is not None:
         stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else ()
-        if not stops or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
-            raise bad_request(f"stop must be a non-empty string or a list of 1 to {MAX_STOP} non-empty strings", "stop")
-    seed = _integer(body, "seed", -(1 << 63), (1 << 64) - 1)
+        if not stops or len(stops) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise bad_request(f"stop must be a non-empty string or a list of 1 to {MAX_STOP} strings of 1 to "
+                              f"{MAX_STOP_CHARS} characters", "stop")
+    seed = _integer(body, "seed", 0, (1 << 63) - 1)
     return kwargs, stops, seed
 
 
 def _conversation(messages: Any, config: ServerConfig, multimodal: bool) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
+    n_images = sum(isinstance(p, dict) and p.get("type") == "image_url"
+                   for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for p in m["content"])
+    if n_images > config.max_images:
+        raise bad_request(f"the request holds {n_images} images, above this server's limit of {config.max_images}", "messages")
     out: list[dict[str, Any]] = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
@@ -145,7 +155,7 @@ def _conversation(messages: Any, config: ServerConfig, multimodal: bool) -> list
                               + (" (tool calls are not supported)" if role in ("tool", "function") else ""), f"{where}.role")
         content = msg.get("content")
         if isinstance(content, str):
-            out.append({"role": _ROLES[role], "content": content})
+            out.append({"role": _ROLES[role], "content": _text(content, f"{where}.content")})
             continue
         if not isinstance(content, list) or not content:
             raise bad_request(f"{where}.content must be a string or a non-empty list of content parts", f"{where}.content")
@@ -159,21 +169,27 @@ def _conversation(messages: Any, config: ServerConfig, multimodal: bool) -> list
 def _part(part: Any, where: str, config: ServerConfig, multimodal: bool, role: str) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
-        if not isinstance(part.get("text"), str):
-            raise bad_request(f"{where}.text must be a string", f"{where}.text")
-        return {"type": "text", "text": part["text"]}
+        return {"type": "text", "text": _text(part.get("text"), f"{where}.text")}
     if kind == "image_url":
         if role != "user":
             raise bad_request(f"{where}: only user messages may hold images", where)
         if not multimodal:
             raise bad_request(f"{where} is an image but the model {config.model_name!r} reads text only; "
                               "send text, or serve an image-text-to-text model", where)
-        spec = part.get("image_url")
-        url = spec.get("url") if isinstance(spec, dict) else spec
-        image = image_from_url(url, max_pixels=config.max_image_pixels, max_bytes=config.max_request_bytes,
+        image = image_from_url(image_part_url(part), max_pixels=config.max_image_pixels, max_bytes=config.max_request_bytes,
                                allow_remote=config.allow_remote_images, param=f"{where}.image_url.url")
         return {"type": "image", "image": image}
     raise bad_request(f"{where} must be a content part of type 'text' or 'image_url', got {kind!r}", where)
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise bad_request(f"{where} must be a string", where)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{where} holds a lone surrogate (invalid UTF-16 in the JSON); send valid Unicode text", where) from None
+    return value
 
 
 # -- responses --------------------------------------------------------------------------------

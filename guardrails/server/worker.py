@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StopStringCriteria
+from transformers import StoppingCriteria
 
+from guardrails.calls import active_call
 from guardrails.results import GuardedResult
 from guardrails.server.config import ServerConfig
 from guardrails.server.errors import RequestError
@@ -70,10 +71,31 @@ class _Cancelled(StoppingCriteria):
         self.pending, self.abort = pending, abort
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        flags = [self.abort.is_set() or p.cancelled.is_set() for p in self.pending]
-        if input_ids.shape[0] != len(flags):  # beams expand rows in place
+        pending = self.pending
+        ctx = active_call()  # rows refused before generation are not in the batch: keep the generated ones
+        if ctx is not None and len(ctx.rows) == len(pending):
+            pending = [p for p, r in zip(pending, ctx.rows) if r.batch_index is not None]
+        flags = [self.abort.is_set() or p.cancelled.is_set() for p in pending]
+        if flags and input_ids.shape[0] != len(flags):  # beams expand rows in place
             flags = [f for f in flags for _ in range(input_ids.shape[0] // len(flags))]
         return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
+class _GeneratedStop(StoppingCriteria):
+    """Stops a row once its generated text holds a stop string. Only generated tokens are read
+    (transformers' StopStringCriteria also matches across the prompt, and building it costs
+    seconds for a large vocabulary)."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]):
+        self.tokenizer, self.stops, self.start = tokenizer, stops, -1
+        self.window = max(map(len, stops)) + 1  # tokens: each decodes to at least one character
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.start < 0:  # first call: one token has been generated
+            self.start = input_ids.shape[1] - 1
+        tails = self.tokenizer.batch_decode(input_ids[:, max(self.start, input_ids.shape[1] - self.window):],
+                                            skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in tails], dtype=torch.bool, device=input_ids.device)
 
 
 class ModelWorker:
@@ -89,6 +111,7 @@ class ModelWorker:
         #: batch sizes of the calls made, for the load benchmark and tests (appended by the worker only)
         self.batch_sizes: list[int] = []
         self.failure: BaseException | None = None
+        self.context_limit = context_limit(guarded, config)
 
     # -- the request side ----------------------------------------------------------------------
     def start(self) -> ModelWorker:
@@ -101,27 +124,38 @@ class ModelWorker:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Requests waiting for the model (a cancelled one is skipped, so it does not count)."""
+        return sum(not p.cancelled.is_set() for p in self._queue)
+
+    def check_capacity(self) -> None:
+        """Raise what :meth:`submit` would for a full or stopped worker (a cheap check before parsing)."""
+        with self._cond:
+            self._check_capacity()
 
     def submit(self, job: ChatJob, loop: asyncio.AbstractEventLoop) -> Pending:
         """Queue ``job``; 429 when the queue is full, 503 when the worker is shutting down or dead."""
         pending = Pending(job, loop)
         with self._cond:
-            if self._closing:
-                raise RequestError(503, "the server is shutting down; retry on another instance", code="shutting_down")
-            if not self._thread.is_alive():
-                raise RequestError(503, f"the model worker has stopped ({self.failure!r}); restart the server",
-                                   code="worker_stopped")
-            if len(self._queue) >= self.config.max_queue:
-                raise RequestError(429, f"the server is busy: {len(self._queue)} requests are waiting "
-                                        f"(--max-queue {self.config.max_queue}); retry after {RETRY_AFTER_S} s",
-                                   code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+            self._check_capacity()
             self._queue.append(pending)
             self._cond.notify_all()
         return pending
 
+    def _check_capacity(self) -> None:
+        if self._closing:
+            raise RequestError(503, "the server is shutting down; retry on another instance", code="shutting_down")
+        if not self._thread.is_alive():
+            raise RequestError(503, f"the model worker has stopped ({self.failure!r}); restart the server", code="worker_stopped")
+        if self.queued >= self.config.max_queue:
+            raise RequestError(429, f"the server is busy: {self.queued} requests are waiting "
+                                    f"(--max-queue {self.config.max_queue}); retry after {RETRY_AFTER_S} s",
+                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+
     def close(self, grace_s: float) -> None:
-        """Refuse new requests, let the queued ones finish for ``grace_s``, then fail the rest with 503."""
+        """Refuse new requests, let the queued ones finish for ``grace_s``, then fail the rest with 503.
+        Idempotent: the server calls it when shutdown starts and again when the app's lifespan ends."""
+        if not self._thread.is_alive():
+            return
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -136,14 +170,21 @@ class ModelWorker:
 
     # -- the worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        batch: list[Pending] = []
         try:
-            while (batch := self._next_batch()) is not None:
+            while (batch := self._next_batch() or []):
                 if batch[0].job.stream:
                     self._stream(batch[0])
                 else:
                     self._answer(batch)
-        except BaseException as e:  # noqa: BLE001 - recorded for /health and 503s; never silent
+        except BaseException as e:  # noqa: BLE001 - recorded for /health; every request held or waiting is answered
             self.failure = e
+            with self._cond:
+                left = batch + list(self._queue)
+                self._queue.clear()
+            for p in left:
+                p.post("error", RequestError(503, f"the model worker stopped ({type(e).__name__}: {e}); restart the server",
+                                             code="worker_stopped"))
             raise
 
     def _next_batch(self) -> list[Pending] | None:
@@ -178,13 +219,31 @@ class ModelWorker:
         kw = dict(job.generate_kwargs)
         criteria: list[StoppingCriteria] = [_Cancelled(pending, self._abort)]
         if job.stop:
-            criteria.append(StopStringCriteria(self.guarded.engine.tokenizer, list(job.stop)))
+            criteria.append(_GeneratedStop(self.guarded.engine.tokenizer, job.stop))
         kw["stopping_criteria"] = criteria
         if job.seed is not None:
             torch.manual_seed(job.seed)  # seeded requests run alone (ChatJob.batch_key)
         return kw
 
+    def _too_long(self, p: Pending) -> bool:
+        """Answer 400 to a request whose prompt + max_tokens exceeds the model's context. Measured
+        here, on the worker thread (the tokenizer is not shared with request threads): prefill
+        cannot be interrupted, so one over-long prompt would hold the model for everyone."""
+        if self.context_limit is None:
+            return False
+        n = int(self.guarded.engine.encode([p.job.conversation])["input_ids"].shape[1])
+        new = p.job.generate_kwargs["max_new_tokens"]
+        if n + new <= self.context_limit:
+            return False
+        p.post("error", RequestError(400, f"the prompt is {n} tokens and max_tokens is {new}: {n + new} is above this "
+                                          f"model's context of {self.context_limit} tokens; shorten the conversation or "
+                                          "ask for fewer tokens", param="messages", code="context_length_exceeded"))
+        return True
+
     def _answer(self, batch: list[Pending]) -> None:
+        batch = [p for p in batch if not self._too_long(p)]
+        if not batch:
+            return
         self.batch_sizes.append(len(batch))
         try:
             results = self.guarded.chat([p.job.conversation for p in batch], **self._kwargs(batch))
@@ -202,6 +261,8 @@ class ModelWorker:
                 p.post("done", self._finish(p.job, r))
 
     def _stream(self, p: Pending) -> None:
+        if self._too_long(p):
+            return
         self.batch_sizes.append(1)
         held = _StopHold(p.job.stop)
         try:
@@ -217,9 +278,12 @@ class ModelWorker:
         if self._abort.is_set():
             p.post("error", RequestError(503, "the server shut down while this request ran", code="shutting_down"))
         elif not p.cancelled.is_set() and stream.result is not None:
-            if text := held.flush():
-                p.post("chunk", text)
-            p.post("done", self._finish(p.job, stream.result))
+            result = stream.result
+            # A refusal is the defense's text, whole: stop strings cut the model's answer only.
+            rest = result.text[len(held.released):] if result.refused and result.text.startswith(held.released) else held.flush()
+            if rest:
+                p.post("chunk", rest)
+            p.post("done", self._finish(p.job, result))
 
     def _finish(self, job: ChatJob, result: GuardedResult) -> Answer:
         text, cut = result.text, False
@@ -227,6 +291,16 @@ class ModelWorker:
             text, cut = cut_at_stop(text, job.stop)
         return Answer(result, text, finish_reason(result, job.generate_kwargs["max_new_tokens"], cut),
                       result.prompt_tokens, len(result.token_ids))
+
+
+def context_limit(guarded: Any, config: ServerConfig) -> int | None:
+    """Prompt + new tokens one request may use: the configured limit, else the model's positions."""
+    if config.max_context_tokens is not None:
+        return config.max_context_tokens
+    cfg = getattr(guarded.model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n = getattr(cfg, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -257,14 +331,19 @@ class _StopHold:
     def flush(self) -> str:
         return "" if self.done else self._release(len(self.text))
 
+    @property
+    def released(self) -> str:
+        return self.text[: self.sent]
+
     def _release(self, upto: int) -> str:
         out, self.sent = self.text[self.sent:upto], max(self.sent, upto)
         return out
 
 
 def _error(e: Exception) -> RequestError:
+    """An exception inside the guarded call is the server's failure (500): requests were checked
+    when parsed, so what reaches the model is well-formed."""
     if isinstance(e, RequestError):
         return e
-    if isinstance(e, (ValueError, TypeError)):  # the library refuses an input with a one-line reason
-        return RequestError(400, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    return RequestError(500, f"internal error while answering: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    first = (str(e).splitlines() or [""])[0]
+    return RequestError(500, f"internal error while answering: {type(e).__name__}: {first}")
