@@ -3,9 +3,12 @@
     python -m benchmarks.serve_load --model tiny:qwen2 --defenses protector --clients 8 --requests 48 --out runs/serve
     python -m benchmarks.serve_load --model qwen2.5-coder-0.5b-instruct --defenses protector --max-tokens 32 ...
 
-One process, one model, four settings run in turn: {bare (``--defenses none``), guarded} x {batching
-on (``--max-batch``), off (1)}, plus streamed requests (streams run one at a time, so batching does
-not apply to them). Every request must get exactly one answer (status 200, its own id, one trace
+One process, one model, five settings: {bare (``--defenses none``), guarded} x {batching on
+(``--max-batch``), off (1)}, plus guarded streamed requests (streams run one at a time, so batching
+does not apply to them). The settings are interleaved in ``--rounds`` rounds (each round sends
+``--requests / --rounds`` requests per setting), so a change in the machine's load falls on every
+setting alike; requests/s is the setting's requests over its summed wall time, p50/p95 over all
+its requests, and the per-round requests/s are kept to show the spread. Every request must get exactly one answer (status 200, its own id, one trace
 per answer, as many verdicts as the pipeline has stages for it); anything else fails the run, so a
 figure is never computed from a partial set. Reports requests/s and p50/p95 latency per setting,
 with the machine and versions, as JSON and a markdown table.
@@ -91,16 +94,22 @@ def run_setting(model: Any, processor: Any, defenses: list, s: Setting, *, clien
         wall = time.perf_counter() - t0
         sizes = app.state.worker.batch_sizes[sizes_before:]
     ids = {rid for _, rid, _ in out}
-    stages = {(v["defense"], v["stage"]) for _, _, g in out for v in g["verdicts"]}
     per_answer = {len(g["verdicts"]) for _, _, g in out if not g["refused"]}
     if len(out) != requests or len(ids) != requests or sum(sizes) != requests or len(per_answer) > 1:
         raise RuntimeError(f"{s.name}: {len(out)} answers, {len(ids)} distinct ids, {sum(sizes)} rows in the model calls "
                            f"and verdict counts {sorted(per_answer)} for {requests} requests: not one answer each")
-    lat = [x for x, _, _ in out]
-    return {"setting": s.name, "guarded": s.guarded, "max_batch": s.max_batch, "stream": s.stream, "requests": requests,
-            "clients": clients, "wall_s": wall, "requests_per_s": requests / wall, "p50_s": percentile(lat, 50),
-            "p95_s": percentile(lat, 95), "mean_batch": sum(sizes) / len(sizes), "calls": len(sizes),
-            "refused": sum(g["refused"] for _, _, g in out), "stages": sorted(map(list, stages))}
+    return {"wall_s": wall, "latencies": [x for x, _, _ in out], "sizes": sizes, "refused": sum(g["refused"] for _, _, g in out)}
+
+
+def summarize_setting(s: Setting, rounds: list[dict[str, Any]], clients: int) -> dict[str, Any]:
+    lat = [x for r in rounds for x in r["latencies"]]
+    sizes = [b for r in rounds for b in r["sizes"]]
+    wall = sum(r["wall_s"] for r in rounds)
+    return {"setting": s.name, "guarded": s.guarded, "max_batch": s.max_batch, "stream": s.stream, "requests": len(lat),
+            "clients": clients, "wall_s": wall, "requests_per_s": len(lat) / wall,
+            "requests_per_s_by_round": [len(r["latencies"]) / r["wall_s"] for r in rounds],
+            "p50_s": percentile(lat, 50), "p95_s": percentile(lat, 95), "mean_batch": sum(sizes) / len(sizes),
+            "calls": len(sizes), "refused": sum(r["refused"] for r in rounds)}
 
 
 @entry_point
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=positive_int, default=48)
     p.add_argument("--max-tokens", type=positive_int, default=32)
     p.add_argument("--max-batch", type=positive_int, default=8)
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (each gets --requests / --rounds per setting)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request before the run fails")
     p.add_argument("--only", nargs="*", help="run only the settings whose name starts with one of these")
     p.add_argument("--out", default="runs/serve_load")
@@ -124,21 +134,24 @@ def main(argv: list[str] | None = None) -> int:
 
     defenses = build_defenses(args.defenses)
     model, processor = load_for_chat(args.model, progress=lambda line: print(line, file=sys.stderr))
-    rows = []
-    for s in settings(args.max_batch):
-        if args.only and not any(s.name.startswith(o) for o in args.only):
-            continue
-        print(f"[serve_load] {s.name} ...", file=sys.stderr, flush=True)
-        rows.append(run_setting(model, processor, defenses, s, clients=args.clients, requests=args.requests,
-                                max_tokens=args.max_tokens, timeout_s=args.timeout))
-    result = {"model": args.model, "defenses": args.defenses, "max_tokens": args.max_tokens, "greedy": True,
+    chosen = [s for s in settings(args.max_batch) if not args.only or any(s.name.startswith(o) for o in args.only)]
+    per_round = max(1, args.requests // args.rounds)
+    runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in chosen}
+    for r in range(args.rounds):
+        for s in chosen:
+            print(f"[serve_load] round {r + 1}/{args.rounds}: {s.name} ...", file=sys.stderr, flush=True)
+            runs[s.name].append(run_setting(model, processor, defenses, s, clients=args.clients, requests=per_round,
+                                            max_tokens=args.max_tokens, timeout_s=args.timeout))
+    rows = [summarize_setting(s, runs[s.name], args.clients) for s in chosen]
+    result = {"model": args.model, "defenses": args.defenses, "max_tokens": args.max_tokens, "greedy": True, "rounds": args.rounds,
               "torch_threads": torch.get_num_threads(), "machine": machine_info(), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "serve_load.json", result)
-    table = markdown_table(["setting", "requests/s", "p50 s", "p95 s", "mean batch", "refused"],
-                           [[r["setting"], f"{r['requests_per_s']:.2f}", f"{r['p50_s']:.2f}", f"{r['p95_s']:.2f}",
-                             f"{r['mean_batch']:.1f}", r["refused"]] for r in rows])
+    table = markdown_table(["setting", "requests", "requests/s", "requests/s by round", "p50 s", "p95 s", "mean batch", "refused"],
+                           [[r["setting"], r["requests"], f"{r['requests_per_s']:.2f}",
+                             " / ".join(f"{x:.2f}" for x in r["requests_per_s_by_round"]), f"{r['p50_s']:.2f}",
+                             f"{r['p95_s']:.2f}", f"{r['mean_batch']:.1f}", r["refused"]] for r in rows])
     (out / "serve_load.md").write_text(table + "\n")
     print(table)
     return 0
