@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.defense == "ecso" and args.templates:
         raise CliError("ECSO has one self-check template (ecso_harm_check); --templates is for self_moderation")
 
+    from sklearn.metrics import roc_auc_score
+
     from benchmarks.judges import make_judge
     from benchmarks.report import machine_info, markdown_table, write_json
     from guardrails import wrap
@@ -128,18 +130,23 @@ def main(argv: list[str] | None = None) -> int:
         pos = [s for s, c in zip(scores[:nh], complied[:nh]) if c]  # harmful prompts the model answered
         neg = [s for s, c in zip(scores[nh:], complied[nh:]) if c]  # benign prompts it answered
         choice = threshold_at_budget(pos, neg, len(benign), args.max_added_refusal)
+        # how well the judge separates the model's harmful answers from its benign ones, at any threshold
+        auroc = float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)) if pos and neg else None
         at_half = {"threshold": 0.5, "harmful_flagged": sum(s >= 0.5 for s in pos), "benign_flagged": sum(s >= 0.5 for s in neg)}
-        sweep.append({"template": template, "choice": choice.to_dict(), "at_default_threshold": at_half, "scores": scores})
+        sweep.append({"template": template, "choice": choice.to_dict(), "auroc": auroc, "at_default_threshold": at_half,
+                      "scores": scores})
         print(f"[calibrate_judge] {template or 'ecso_harm_check'}: threshold {choice.threshold:.4g} flags "
               f"{choice.harmful_flagged}/{choice.harmful} answered harmful, {choice.benign_flagged}/{choice.benign} benign "
-              f"(0.5 flags {at_half['harmful_flagged']} and {at_half['benign_flagged']})", file=sys.stderr)
+              f"(0.5 flags {at_half['harmful_flagged']} and {at_half['benign_flagged']}; AUROC {auroc})", file=sys.stderr)
     best = max(sweep, key=lambda r: (r["choice"]["harmful_flagged"], -r["choice"]["benign_flagged"]))
     rows = [[r["template"] or "ecso_harm_check", f"{r['choice']['threshold']:.4g}",
              f"{r['choice']['harmful_flagged']}/{r['choice']['harmful']}", f"{r['choice']['benign_flagged']}/{r['choice']['benign']}",
              f"{r['at_default_threshold']['harmful_flagged']}/{r['choice']['harmful']}",
              f"{r['at_default_threshold']['benign_flagged']}/{r['choice']['benign']}"] for r in sweep]
+    for row, r in zip(rows, sweep):
+        row.append("-" if r["auroc"] is None else f"{r['auroc']:.3f}")
     table = markdown_table(["template", "chosen threshold", "answered harmful flagged", "benign flagged (added refusals)",
-                            "harmful flagged at 0.5", "benign flagged at 0.5"], rows)
+                            "harmful flagged at 0.5", "benign flagged at 0.5", "AUROC"], rows)
     command = "python -m benchmarks.calibrate_judge " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write-preset")
     record: dict[str, Any] = {
         "defense": args.defense, "model": args.model,
@@ -161,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "calibration.md").write_text(table)
     print(table)
     if args.write_preset:
+        if best["choice"]["harmful_flagged"] == 0:
+            raise CliError(f"no threshold within the budget flags any harmful prompt the model answered (judge AUROC "
+                           f"{best['auroc']}): this judge cannot tell them from benign answers on this model, so no "
+                           "preset is written; see calibration.md in --out for the trade-off")
         name = Path(args.model).name
         print(f"preset written: {write_preset(args.defense, name, record)}", file=sys.stderr)
     return 0

@@ -88,3 +88,24 @@ def test_shipped_presets_are_valid():
             assert d.config.threshold == record["config"]["threshold"]
             cal = record["calibration"]
             assert cal["choice"]["benign_flagged"] <= cal["choice"]["benign"] * 0.02 + 1e-9 or "rule" in cal
+
+
+def test_calibrate_judge_runs_and_refuses_a_preset_that_flags_nothing(tmp_path, monkeypatch):
+    """End to end on a tiny model (its judge is noise): the run writes its record, and
+    --write-preset refuses a threshold that stops no answered harmful prompt."""
+    from benchmarks import calibrate_judge
+
+    monkeypatch.setattr(jp, "PRESET_ROOT", tmp_path / "presets")
+    args = ["--model", "tiny:qwen2", "--dtype", "auto", "--harmful", "6", "--benign", "6", "--max-new-tokens", "3",
+            "--max-added-refusal", "0", "--out", str(tmp_path / "run")]
+    assert calibrate_judge.main(args) == 0
+    record = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert [r["template"] for r in record["calibration"]["sweep"]] == ["selfmod_judge_followup", "selfmod_judge"]
+    assert len(record["answers"]) == 12 and len(record["scores"]["selfmod_judge"]) == 12
+    choice = record["calibration"]["choice"]
+    if choice["harmful_flagged"] == 0:
+        assert calibrate_judge.main([*args, "--write-preset"]) == 2
+        assert not (tmp_path / "presets").exists()
+    else:  # the noise happened to separate: the preset is written and loads
+        assert calibrate_judge.main([*args, "--write-preset"]) == 0
+        assert SelfModeration.preset("tiny:qwen2").config.threshold == choice["threshold"]
