@@ -291,6 +291,8 @@ def test_unknown_route_and_oversized_body(qwen):
         assert r.status_code == 413 and "limit of 1000" in r.json()["error"]["message"]
         r = httpx.get(url + "/v1/nothing")
         assert r.status_code == 404 and "/v1" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/moderations", json={"input": "hi"})  # served without a moderator
+        assert r.status_code == 404 and "--no-moderation" in r.json()["error"]["message"]
 
 
 def test_images_limits_and_remote_urls():

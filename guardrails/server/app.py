@@ -120,7 +120,7 @@ def create_app(guarded: Any | None, config: ServerConfig, moderator: Any | None 
     async def moderations(request: Request) -> dict[str, Any]:
         body = await read_json(request)
         if moderator is None:
-            raise RequestError(404, "this server has no moderation endpoint; start it with --moderation (or --moderation-only)")
+            raise RequestError(404, "this server was started with --no-moderation: it has no moderation endpoint; restart it without that flag")
         return await run_in_threadpool(moderator.moderate, body)
 
     @app.post("/v1/chat/completions")
