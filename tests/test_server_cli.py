@@ -58,18 +58,21 @@ def test_serve_answers_and_sigterm_lets_the_request_in_flight_finish():
         def long_request() -> None:
             # the tiny models never emit EOS (guardrails.testing), so a whole answer has exactly max_tokens tokens
             box["r"] = client.chat.completions.create(model="tiny:qwen2", messages=[{"role": "user", "content": "hi"}],
-                                                      max_tokens=400, temperature=0)
+                                                      max_tokens=480, temperature=0)
             box["t"] = time.monotonic()
 
         t = threading.Thread(target=long_request)
         t.start()
-        time.sleep(1.0)  # the request is running
+        end = time.monotonic() + TIMEOUT
+        while httpx.get(url + "/health").json()["running"] != 1:  # the request is being answered
+            assert time.monotonic() < end and t.is_alive(), "the request never started"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         t_signal = time.monotonic()
         t.join(TIMEOUT)
         r, t_answer = box["r"], box["t"]
         assert t_answer > t_signal, "the request finished before SIGTERM: make it longer so the test means something"
-        assert r.usage.completion_tokens == 400 and r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 480 and r.choices[0].finish_reason == "length"
         # uvicorn re-raises the signal once its graceful shutdown is done, so the exit status says SIGTERM
         assert proc.wait(TIMEOUT) in (0, -signal.SIGTERM)
         out = proc.stdout.read() if proc.stdout else ""

@@ -106,7 +106,8 @@ def create_app(guarded: Any | None, config: ServerConfig, moderator: Any | None 
         body = {"status": "ok" if ok else "unavailable", "model": config.model_name,
                 "defenses": [type(d).__name__ for d in guarded.defenses] if guarded is not None else [],
                 "multimodal": bool(guarded is not None and guarded.engine.multimodal),
-                "queue": worker.queued if worker is not None else 0, "api_key_required": config.api_key is not None,
+                "queue": worker.queued if worker is not None else 0, "running": worker.running if worker is not None else 0,
+                "api_key_required": config.api_key is not None,
                 "moderation": moderator.describe() if moderator is not None else None}
         return JSONResponse(body, status_code=200 if ok else 503)
 

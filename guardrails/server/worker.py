@@ -110,6 +110,8 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="guardrails-model-worker", daemon=True)
         #: batch sizes of the calls made, for the load benchmark and tests (appended by the worker only)
         self.batch_sizes: list[int] = []
+        #: requests the model is answering right now (for /health)
+        self.running = 0
         self.failure: BaseException | None = None
         self.context_limit = context_limit(guarded, config)
 
@@ -173,10 +175,14 @@ class ModelWorker:
         batch: list[Pending] = []
         try:
             while (batch := self._next_batch() or []):
-                if batch[0].job.stream:
-                    self._stream(batch[0])
-                else:
-                    self._answer(batch)
+                self.running = len(batch)
+                try:
+                    if batch[0].job.stream:
+                        self._stream(batch[0])
+                    else:
+                        self._answer(batch)
+                finally:
+                    self.running = 0
         except BaseException as e:  # noqa: BLE001 - recorded for /health; every request held or waiting is answered
             self.failure = e
             with self._cond:
