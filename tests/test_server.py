@@ -61,6 +61,22 @@ class Marks(Defense):
                 for r in rows]
 
 
+class Slow(Defense):
+    """Makes every generated token take at least ``seconds``: tests of a client leaving mid-answer
+    must not depend on how fast the machine generates."""
+
+    def __init__(self, seconds: float = 0.005):
+        super().__init__()
+        self.seconds = seconds
+
+    def _during(self, ctx, stack):
+        def sleep(input_ids, scores):
+            time.sleep(self.seconds)
+            return scores
+
+        ctx.logits_processors.append(sleep)
+
+
 def png_data_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -358,7 +374,7 @@ def _hooks(model: torch.nn.Module) -> int:
 
 
 def test_client_leaving_mid_stream_stops_generation_and_leaves_nothing(qwen):
-    guarded = wrap(qwen.model, qwen.processor, defenses=[Marks()])
+    guarded = wrap(qwen.model, qwen.processor, defenses=[Marks(), Slow()])
     app = create_app(guarded, ServerConfig(model_name="m", max_tokens_limit=2000))
     steps = []
     counter = qwen.model.register_forward_hook(lambda m, a, o: steps.append(1))
@@ -384,7 +400,7 @@ def test_client_leaving_mid_stream_stops_generation_and_leaves_nothing(qwen):
 
 
 def test_plain_client_leaving_stops_its_generation(qwen):
-    guarded = wrap(qwen.model, qwen.processor)
+    guarded = wrap(qwen.model, qwen.processor, defenses=[Slow()])  # 450 tokens take at least 2.25 s
     app = create_app(guarded, ServerConfig(model_name="m"))
     steps = []
     counter = qwen.model.register_forward_hook(lambda m, a, o: steps.append(1))
@@ -394,6 +410,9 @@ def test_plain_client_leaving_stops_its_generation(qwen):
                 httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 450}, timeout=0.3)
             r = httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}, timeout=TIMEOUT)
             assert r.status_code == 200
+            t0 = time.monotonic()
+        # no handler is left waiting for the request that left: shutdown does not wait for it
+        assert time.monotonic() - t0 < 10
         assert len(steps) < 450, "generation ran to max_tokens after the client left"
     finally:
         counter.remove()

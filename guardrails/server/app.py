@@ -151,9 +151,12 @@ def create_app(guarded: Any | None, config: ServerConfig, moderator: Any | None 
 
 
 async def _cancel_on_disconnect(request: Request, pending: Pending, every_s: float = 0.25) -> None:
+    """Cancel the request once its client has left, and wake its handler (the worker posts nothing
+    for a cancelled request), so neither the generation nor the handler outlives the client."""
     while not await request.is_disconnected():
         await asyncio.sleep(every_s)
     pending.cancel()
+    pending.events.put_nowait(("error", RequestError(400, "the client closed the connection", code="client_closed")))
 
 
 async def _next_event(pending: Pending, config: ServerConfig) -> tuple[str, Any]:
