@@ -31,6 +31,7 @@ from guardrails.server.protocol import ChatJob, finish_reason
 
 #: seconds a full queue asks clients to wait before retrying
 RETRY_AFTER_S = 1
+_SHUT_DOWN_WHILE_RUNNING = RequestError(503, "the server shut down while this request ran", code="shutting_down")
 
 
 @dataclass
@@ -247,22 +248,23 @@ class ModelWorker:
         return True
 
     def _answer(self, batch: list[Pending]) -> None:
-        batch = [p for p in batch if not self._too_long(p)]
-        if not batch:
-            return
+        if batch := [p for p in batch if not self._too_long(p)]:
+            self._call(batch)
+
+    def _call(self, batch: list[Pending]) -> None:
         self.batch_sizes.append(len(batch))
         try:
             results = self.guarded.chat([p.job.conversation for p in batch], **self._kwargs(batch))
         except Exception as e:  # noqa: BLE001 - answered per request below
             if len(batch) > 1:  # one bad request must not fail its neighbours: answer each alone
                 for p in batch:
-                    self._answer([p])
+                    self._call([p])
                 return
             batch[0].post("error", _error(e))
             return
         for p, r in zip(batch, results):
             if self._abort.is_set():
-                p.post("error", RequestError(503, "the server shut down while this request ran", code="shutting_down"))
+                p.post("error", _SHUT_DOWN_WHILE_RUNNING)
             elif not p.cancelled.is_set():
                 p.post("done", self._finish(p.job, r))
 
@@ -282,7 +284,7 @@ class ModelWorker:
             p.post("error", _error(e))
             return
         if self._abort.is_set():
-            p.post("error", RequestError(503, "the server shut down while this request ran", code="shutting_down"))
+            p.post("error", _SHUT_DOWN_WHILE_RUNNING)
         elif not p.cancelled.is_set() and stream.result is not None:
             result = stream.result
             # A refusal is the defense's text, whole: stop strings cut the model's answer only.
