@@ -94,7 +94,10 @@ def test_calibrate_judge_runs_and_refuses_a_preset_that_flags_nothing(tmp_path, 
     """End to end on a tiny model (its judge is noise): the run writes its record, and
     --write-preset refuses a threshold that stops no answered harmful prompt."""
     from benchmarks import calibrate_judge
+    from guardrails.data import shared_data_dir
 
+    if shared_data_dir() is None:  # the calibration prompts include StrongREJECT from ../shared/data
+        pytest.skip("../shared/data (StrongREJECT) is absent: set $GUARDRAILS_DATA or put the shared folder beside the repo")
     monkeypatch.setattr(jp, "PRESET_ROOT", tmp_path / "presets")
     args = ["--model", "tiny:qwen2", "--dtype", "auto", "--harmful", "6", "--benign", "6", "--max-new-tokens", "3",
             "--max-added-refusal", "0", "--out", str(tmp_path / "run")]
