@@ -8,40 +8,91 @@ Writes (one JSON object {"prompt": ...} per line):
 - ``calib_harmful.jsonl`` / ``calib_harmless.jsonl``: the gate's and steering calibration's prompts;
 - ``hard_negatives.jsonl``: benign prompts that use dangerous words (the gate's false-positive test).
 
-Sources: StrongREJECT (harmful; MIT) and this project's authored prompts
-(``benchmarks/detector_data``: harmful, benign, benign instructions phrased like AdvBench, hard
-negatives; Apache-2.0). None of JailbreakBench, HarmBench, XSTest or AdvBench is used: those are
-what InferAligner is evaluated on. Splits are drawn with ``random.Random(0)``.
+Sources: StrongREJECT (harmful; MIT), HarmBench's validation split (harmful; MIT; its test split is
+an evaluation set) and this project's authored prompts (``benchmarks/detector_data``: harmful,
+benign, benign instructions phrased like AdvBench, hard negatives; Apache-2.0). None of
+JailbreakBench, HarmBench test, XSTest, AdvBench or Alpaca is used: those are what InferAligner is
+evaluated on, and a prompt close to one of theirs (``near_duplicates``: StrongREJECT repeats some
+AdvBench goals, HarmBench val rephrases some test behaviours) is dropped and counted. Splits are
+drawn with ``random.Random(0)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import random
+import re
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.datasets import load_strongreject
+from benchmarks import datasets
+
+#: the evaluation sets no training prompt may be close to (loaded from the shared data folder)
+EVALUATION_SETS = ("jailbreakbench", "harmbench_test", "xstest", "advbench", "alpaca")
+#: difflib similarity of the word sequences above which two prompts count as the same
+NEAR_DUPLICATE = 0.8
 
 AUTHORED = Path(__file__).resolve().parent / "detector_data" / "authored_prompts.jsonl"
 
 
-def splits(data_dir: str | None = None) -> dict[str, list[str]]:
-    """The five prompt lists (see the module docstring)."""
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def near_duplicates(prompts: Sequence[str], against: Sequence[str], ratio: float = NEAR_DUPLICATE) -> list[int]:
+    """Indices of ``prompts`` whose words (lower-cased, in order) are within ``ratio`` (difflib) of any of ``against``."""
+    others = [(w, Counter(w)) for w in map(_words, against)]
+    out = []
+    for i, text in enumerate(prompts):
+        words = _words(text)
+        counts = Counter(words)
+        for other, other_counts in others:
+            # 2 * shared words / total words bounds difflib's ratio from above (and 2 * the shorter
+            # length bounds that): most pairs stop at one of the two
+            total = ratio * (len(words) + len(other))
+            if 2 * min(len(words), len(other)) <= total or 2 * sum((counts & other_counts).values()) <= total:
+                continue
+            if difflib.SequenceMatcher(None, words, other, autojunk=False).ratio() > ratio:
+                out.append(i)
+                break
+    return out
+
+
+def evaluation_prompts(data_dir: str | None = None) -> list[str]:
+    """Every prompt of :data:`EVALUATION_SETS`."""
+    return [s.prompt for name in EVALUATION_SETS for s in datasets.load_dataset(name, data_dir)]
+
+
+def splits(data_dir: str | None = None) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """The five prompt lists (see the module docstring) and how many near-duplicates each source lost."""
     rows = [json.loads(line) for line in AUTHORED.read_text(encoding="utf-8").splitlines() if line.strip()]
     by_group: dict[str, list[str]] = {}
     for r in rows:
         by_group.setdefault(r["group"], []).append(r["text"])
+    sources = {
+        "strongreject": [s.prompt for s in datasets.load_strongreject(data_dir)],
+        "harmbench_val": [s.prompt for s in datasets.load_harmbench(data_dir, split="val")],
+        **{f"authored_{g}": by_group[g] for g in ("harmful", "benign", "benign_instruction", "hard_negative")},
+    }
+    evaluation = evaluation_prompts(data_dir)
+    dropped = {}
+    for name, prompts in sources.items():
+        bad = set(near_duplicates(prompts, evaluation))
+        sources[name] = [t for i, t in enumerate(prompts) if i not in bad]
+        dropped[name] = len(bad)
     rng = random.Random(0)
-    harmful = [s.prompt for s in load_strongreject(data_dir)] + by_group["harmful"]
-    harmless = by_group["benign"] + by_group["benign_instruction"]
-    hard = list(by_group["hard_negative"])
+    harmful = sources["strongreject"] + sources["harmbench_val"] + sources["authored_harmful"]
+    harmless = sources["authored_benign"] + sources["authored_benign_instruction"]
+    hard = list(sources["authored_hard_negative"])
     for lst in (harmful, harmless, hard):
         rng.shuffle(lst)
     # Vectors from about 60% of each side; the rest calibrates (hard negatives only calibrate the gate).
     nh, nb = int(0.6 * len(harmful)), int(0.6 * len(harmless))
     return {"extract_harmful": harmful[:nh], "extract_harmless": harmless[:nb], "calib_harmful": harmful[nh:],
-            "calib_harmless": harmless[nb:], "hard_negatives": hard}
+            "calib_harmless": harmless[nb:], "hard_negatives": hard}, dropped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, prompts in splits(args.data).items():
+    lists, dropped = splits(args.data)
+    for name, prompts in lists.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in prompts), encoding="utf-8")
         print(f"{name}: {len(prompts)}")
+    print("dropped as near-duplicates of evaluation prompts: " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
     return 0
 
 

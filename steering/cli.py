@@ -229,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "the gate (its false-positive rate on them is reported separately)")
     cal.add_argument("--max-fpr", type=float, help="choose the gate by recall at most this false-positive rate on the "
                      "harmless prompts (e.g. 0.05) instead of by F1")
+    cal.add_argument("--gate-method", default="projection", choices=("projection", "logistic"),
+                     help="the gate's direction: the layer's safety vector (projection, the paper) or a logistic "
+                          "regression fitted on these prompts, chosen on out-of-fold scores (logistic)")
+    cal.add_argument("--gate-c", type=float, default=0.1, help="inverse L2 strength of the logistic gate (default 0.1)")
+    cal.add_argument("--gate-folds", type=int, default=5, help="cross-validation folds of the logistic gate (default 5)")
     cal.add_argument("--gate-only", action="store_true", help="calibrate the gate only, not where and how strongly to steer")
     cal.add_argument("--steer-layers", default="auto",
                      help="candidate layers for steering, each tried alone, e.g. '6,10,14' (auto: every 4th from a quarter "
@@ -276,20 +281,16 @@ def _calibrate(args: argparse.Namespace, model: Any, processor: Any, harmful: li
         raise CliError(f"--max-fpr is a false-positive rate in [0, 1), got {args.max_fpr}")
     cal = calibrate_gate_from_prompts(model, sv, harmful, harmless + hard, processor=processor,
                                       layers=parse_layers(args.layers), batch_size=args.batch_size,
-                                      progress=not args.no_progress, path=args.layer_path, max_fpr=args.max_fpr)
+                                      progress=not args.no_progress, path=args.layer_path, max_fpr=args.max_fpr,
+                                      method=args.gate_method, C=args.gate_c, folds=args.gate_folds)
     gate = cal.gate
-    if hard:
-        from .extract import ChatPreparer, _to_model
-        from .hooks import compute_gate
-
-        prepare = ChatPreparer(processor)
-        fired = sum(float(compute_gate(model, gate, _to_model(model, prepare(hard[s:s + args.batch_size])),
-                                       path=args.layer_path)[1].sum()) for s in range(0, len(hard), args.batch_size))
-        gate.metrics["hard_negative_fpr"] = fired / len(hard)
+    if hard:  # the hard negatives are the last harmless rows
+        gate.metrics["hard_negative_fpr"] = cal.fpr_on(slice(len(harmless), None))
         gate.metrics["num_hard_negatives"] = float(len(hard))
     b = cal.best
     print(cal.table())
-    print(f"gate: layer {b.layer}, threshold {b.threshold:.4g} (bias {b.bias:.4g}), precision {b.precision:.3f}, "
+    how = args.gate_method + (", out-of-fold figures" if args.gate_method == "logistic" else "")
+    print(f"gate ({how}): layer {b.layer}, threshold {gate.threshold:.4g} (bias {gate.bias:.4g}), precision {b.precision:.3f}, "
           f"recall {b.recall:.3f}, F1 {b.f1:.3f}, false positives {b.fpr:.1%} on {len(harmful)} harmful / "
           f"{len(harmless) + len(hard)} harmless prompts"
           + (f" (hard negatives: {gate.metrics['hard_negative_fpr']:.1%} of {len(hard)})" if hard else ""))

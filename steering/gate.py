@@ -2,8 +2,16 @@
 
 ``score = <activation at the gate layer, last prompt token> . unit_direction + bias``; a row is
 steered (g = 1) when its score is > 0, i.e. when the projection exceeds ``threshold = -bias``.
-The direction is the target model's own safety vector at the gate layer; the layer and bias come
-from :func:`calibrate_gate` (best F1 on held-out harmful/harmless prompts).
+The layer, direction and bias come from :func:`calibrate_gate`, by one of two methods:
+
+- ``"projection"`` (the paper): the direction is the target model's own safety vector at the gate
+  layer (a harmful-minus-harmless mean difference); only the bias is fitted.
+- ``"logistic"``: the direction is a logistic regression over the whole activation, fitted on the
+  calibration prompts. A mean difference is dominated by whatever separates the two prompt sets
+  most (style, length, topic words); a discriminative fit with hard negatives among the harmless
+  prompts can weigh the features that separate harm. The threshold and layer are chosen on
+  out-of-fold scores, so the false-positive budget is measured on prompts the fit did not see.
+  Both are the same linear gate at run time: no extra cost per call.
 
 >>> cal = calibrate_gate(vectors, harmful_acts, harmless_acts)   # doctest: +SKIP
 >>> print(cal.table()); gate = cal.gate                           # doctest: +SKIP
@@ -15,7 +23,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -24,10 +32,12 @@ from ._files import load_tensors, naming, read_json, save_tensors, write_json
 from ._provenance import check_against_model, library_version, model_record, now_iso
 from .extract import Activations, Prompt, extract_activations
 
-__all__ = ["GATE_FILES", "Gate", "GateCalibration", "GateLayerResult", "calibrate_gate", "calibrate_gate_from_prompts"]
+__all__ = ["GATE_FILES", "GATE_METHODS", "Gate", "GateCalibration", "GateLayerResult", "calibrate_gate", "calibrate_gate_from_prompts"]
 
 GATE_FILES = ("gate.safetensors", "gate.json")
 _GATE_FORMAT = "steering-gate"
+GateMethod = Literal["projection", "logistic"]
+GATE_METHODS: tuple[str, ...] = get_args(GateMethod)
 _REDO = "calibrate the gate again (python -m steering calibrate, or Gate.save)"
 
 
@@ -180,15 +190,30 @@ class GateLayerResult:
 
 @dataclass
 class GateCalibration:
-    """Per-layer results, the chosen layer and the ready-to-use :class:`Gate`."""
+    """Per-layer results, the chosen layer and the ready-to-use :class:`Gate`.
+
+    With ``method="logistic"`` the per-layer figures are out-of-fold (each prompt scored by a fit
+    that did not see it) and ``threshold`` is a cut on the logistic decision value; the gate's own
+    ``threshold`` is always a projection onto its unit direction.
+    """
 
     results: list[GateLayerResult]
     best: GateLayerResult
     gate: Gate
+    method: GateMethod = "projection"
+    #: per harmless prompt, in the order given: did the chosen layer fire on it (out-of-fold for "logistic")
+    harmless_fired: torch.Tensor | None = None
+
+    def fpr_on(self, rows: slice) -> float:
+        """False-positive rate on a slice of the harmless prompts (e.g. the hard negatives at the end)."""
+        if self.harmless_fired is None or not len(self.harmless_fired[rows]):
+            raise ValueError("no harmless prompts in that slice")
+        return float(self.harmless_fired[rows].float().mean())
 
     def table(self) -> str:
         """A plain-text table, one row per layer, the chosen one marked with '*'."""
-        head = (f"{'layer':>5}  {'threshold':>10}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'acc':>6}  {'fpr':>6}  "
+        cut = "threshold" if self.method == "projection" else "logit cut"
+        head = (f"{'layer':>5}  {cut:>10}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'acc':>6}  {'fpr':>6}  "
                 f"{'margin':>7}")
         lines = [head, "-" * len(head)]
         for r in self.results:
@@ -255,6 +280,34 @@ def _directions_of(vectors: Any) -> Mapping[int, torch.Tensor]:
     raise TypeError(f"vectors must be SteeringVectors or a mapping layer -> tensor, got {type(vectors).__name__}")
 
 
+def _logistic(pos: torch.Tensor, neg: torch.Tensor, C: float) -> tuple[torch.Tensor, float]:
+    """A balanced logistic regression on standardised features, returned in raw activation units:
+    ``(w, b)`` with decision value ``x . w + b``."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    x = torch.cat([pos, neg]).double().numpy()
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale == 0] = 1.0  # a constant feature carries nothing; keep it from dividing by zero
+    fit = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit((x - mean) / scale, y)
+    w = fit.coef_[0] / scale
+    return torch.from_numpy(w), float(fit.intercept_[0] - w @ mean)
+
+
+def _out_of_fold(pos: torch.Tensor, neg: torch.Tensor, C: float, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's logistic decision value from a fit on the other folds (stratified, seeded)."""
+    scores = [torch.empty(len(pos), dtype=torch.float64), torch.empty(len(neg), dtype=torch.float64)]
+    g = torch.Generator().manual_seed(0)
+    fold_of = [torch.randperm(len(x), generator=g) % folds for x in (pos, neg)]
+    for k in range(folds):
+        w, b = _logistic(pos[fold_of[0] != k], neg[fold_of[1] != k], C)
+        for side, x in enumerate((pos, neg)):
+            held = fold_of[side] == k
+            scores[side][held] = x[held].double() @ w + b
+    return scores[0], scores[1]
+
+
 def calibrate_gate(
     vectors: Any,
     harmful: Activations,
@@ -263,6 +316,9 @@ def calibrate_gate(
     layers: Sequence[int] | None = None,
     source: dict[str, Any] | None = None,
     max_fpr: float | None = None,
+    method: GateMethod = "projection",
+    C: float = 0.1,
+    folds: int = 5,
 ) -> GateCalibration:
     """Choose the gate layer and bias with the best F1 on held-out harmful/harmless activations.
 
@@ -271,18 +327,36 @@ def calibrate_gate(
     among the harmless prompts (benign requests that use dangerous words): F1 on two prompt sets
     that differ in style rewards a gate that learned the style, not harm.
 
-    ``vectors`` (SteeringVectors or ``{layer: [H] tensor}``) gives the direction per layer: the
-    target model's own safety vectors, extracted from *other* prompts than these. Per layer, every
-    threshold between consecutive projections is tried; F1 ties go to the widest gap (in units of
-    the projections' standard deviation), layer ties to the wider gap, then to the lower layer
-    (its gate is known earliest in the forward pass).
+    ``method="projection"`` (the paper): ``vectors`` (SteeringVectors or ``{layer: [H] tensor}``)
+    gives the direction per layer, the target model's own safety vectors extracted from *other*
+    prompts than these. ``method="logistic"``: the direction per layer is a logistic regression
+    (L2 strength ``1/C``, balanced classes) on these prompts, its threshold and layer chosen on
+    ``folds``-fold out-of-fold scores and the final fit made on all of them; ``vectors`` is then
+    optional (it only restricts the layers and names the model in the gate's source).
+
+    Per layer, every threshold between consecutive scores is tried; F1 ties go to the widest gap
+    (in units of the scores' standard deviation), layer ties to the wider gap, then to the lower
+    layer (its gate is known earliest in the forward pass).
     """
-    directions = _directions_of(vectors)
+    if method not in GATE_METHODS:
+        raise ValueError(f"method must be one of {GATE_METHODS}, got {method!r}")
+    if method == "projection" and vectors is None:
+        raise ValueError("method='projection' needs the target's own vectors; pass them or use method='logistic'")
+    directions = _directions_of(vectors) if vectors is not None else None
     if max_fpr is not None and (isinstance(max_fpr, bool) or not isinstance(max_fpr, (int, float)) or not 0 <= max_fpr < 1):
         raise ValueError(f"max_fpr is a false-positive rate in [0, 1), got {max_fpr!r}")
     if len(harmful) == 0 or len(harmless) == 0:
         raise ValueError("calibration needs at least one harmful and one harmless prompt")
-    available = [layer for layer in harmful.layer_indices if layer in harmless.layer_indices and layer in directions]
+    if method == "logistic":
+        if isinstance(C, bool) or not isinstance(C, (int, float)) or not C > 0:
+            raise ValueError(f"C must be a positive number (inverse L2 strength), got {C!r}")
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+            raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+        if min(len(harmful), len(harmless)) < folds:
+            raise ValueError(f"a logistic gate with {folds} folds needs at least {folds} harmful and {folds} harmless "
+                             f"prompts, got {len(harmful)} and {len(harmless)}; give more prompts or fewer folds")
+    available = [layer for layer in harmful.layer_indices if layer in harmless.layer_indices
+                 and (directions is None or layer in directions)]
     chosen = available if layers is None else [int(layer) for layer in layers]
     missing = [layer for layer in chosen if layer not in available]
     if missing:
@@ -292,13 +366,20 @@ def calibrate_gate(
         raise ValueError("no layer has both a vector and harmful/harmless activations; extract matching layers")
     results = []
     units: dict[int, torch.Tensor] = {}
+    negative_scores: dict[int, torch.Tensor] = {}
     for layer in chosen:
-        v = directions[layer].detach().float().cpu()
-        norm = v.norm()
-        if norm == 0 or not torch.isfinite(norm):
-            raise ValueError(f"the vector at layer {layer} is zero or not finite; it cannot define a gate")
-        units[layer] = v / norm
-        results.append(_best_threshold(harmful.at(layer) @ units[layer], harmless.at(layer) @ units[layer], layer, max_fpr))
+        if method == "logistic":
+            pos_s, neg_s = _out_of_fold(harmful.at(layer), harmless.at(layer), C, folds)
+        else:
+            assert directions is not None
+            v = directions[layer].detach().float().cpu()
+            norm = v.norm()
+            if norm == 0 or not torch.isfinite(norm):
+                raise ValueError(f"the vector at layer {layer} is zero or not finite; it cannot define a gate")
+            units[layer] = v / norm
+            pos_s, neg_s = harmful.at(layer) @ units[layer], harmless.at(layer) @ units[layer]
+        negative_scores[layer] = neg_s
+        results.append(_best_threshold(pos_s, neg_s, layer, max_fpr))
     if max_fpr is None:
         best = max(results, key=lambda r: (r.f1, r.margin, -r.layer))
     else:
@@ -307,6 +388,13 @@ def calibrate_gate(
     metrics.update(num_harmful=float(len(harmful)), num_harmless=float(len(harmless)), fpr=best.fpr)
     if max_fpr is not None:
         metrics["max_fpr"] = float(max_fpr)
+    if method == "logistic":
+        w, b = _logistic(harmful.at(best.layer), harmless.at(best.layer), C)
+        # fire when x.w + b > cut  <=>  x.(w/|w|) + (b - cut)/|w| > 0
+        direction, bias = w.float(), (b - best.threshold) / float(w.norm())
+        metrics.update(logit_cut=best.threshold, threshold=-bias, C=float(C), folds=float(folds))
+    else:
+        direction, bias = units[best.layer], best.bias
     src = dict(source or {})
     if not src and hasattr(vectors, "manifest"):
         m = vectors.manifest
@@ -314,8 +402,10 @@ def calibrate_gate(
                                           "chat_template_sha256")}
     src.setdefault("library_version", library_version())
     src.setdefault("created", now_iso())
-    gate = Gate(layer=best.layer, direction=units[best.layer], bias=best.bias, metrics=metrics, source=src)
-    return GateCalibration(results=results, best=best, gate=gate)
+    src["method"] = method
+    gate = Gate(layer=best.layer, direction=direction, bias=bias, metrics=metrics, source=src)
+    return GateCalibration(results=results, best=best, gate=gate, method=method,
+                           harmless_fired=negative_scores[best.layer].double() > best.threshold)
 
 
 def calibrate_gate_from_prompts(
@@ -331,18 +421,24 @@ def calibrate_gate_from_prompts(
     progress: bool = True,
     path: str | None = None,
     max_fpr: float | None = None,
+    method: GateMethod = "projection",
+    C: float = 0.1,
+    folds: int = 5,
 ) -> GateCalibration:
     """:func:`calibrate_gate` on activations read from ``model`` for held-out prompts.
 
     ``model`` is the target (the gate uses the target's own activations); its class, sizes and
-    chat-template hash are recorded in the gate.
+    chat-template hash are recorded in the gate. ``vectors`` may be None with ``method="logistic"``
+    (then every layer is tried).
     """
-    directions = _directions_of(vectors)
-    wanted = sorted(directions) if layers is None else sorted(set(int(x) for x in layers))
+    if layers is not None:
+        wanted: list[int] | None = sorted(set(int(x) for x in layers))
+    else:
+        wanted = sorted(_directions_of(vectors)) if vectors is not None else None
     kw = dict(processor=processor, prepare=prepare, layers=wanted, batch_size=batch_size, progress=progress, path=path)
     pos = extract_activations(model, harmful, desc="harmful", **kw)
     neg = extract_activations(model, harmless, desc="harmless", **kw)
     record = model_record(model, path, processor)
     if processor is None:
         record["chat_template_sha256"] = getattr(prepare, "template_sha256", None)
-    return calibrate_gate(vectors, pos, neg, layers=wanted, source=record, max_fpr=max_fpr)
+    return calibrate_gate(vectors, pos, neg, layers=wanted, source=record, max_fpr=max_fpr, method=method, C=C, folds=folds)

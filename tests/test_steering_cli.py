@@ -74,7 +74,7 @@ def test_extract_then_calibrate(arch, tmp_path, prompt_files, capsys):
     assert sv.manifest.model_class == ("LlavaForConditionalGeneration" if arch == "llava" else "LlamaForCausalLM")
     assert main(["calibrate", *common, "--vectors", str(out), "--layers", "0-1", "--gate-only"]) == 0
     printed = capsys.readouterr().out
-    assert "precision" in printed and "gate: layer" in printed
+    assert "precision" in printed and "gate (projection): layer" in printed
     gate = Gate.load(out)
     assert gate.layer in (0, 1) and "f1" in gate.metrics
     assert SteeringVectors.load(out).gate is not None
@@ -121,3 +121,24 @@ def test_calibrate_with_hard_negatives_and_steering(tmp_path, prompt_files, caps
         assert "steering_calibration" not in SteeringVectors.load(out).manifest.extra
     assert main(["calibrate", *common, "--vectors", str(out), "--max-fpr", "1.5", "--gate-only"]) == 2
     assert "--max-fpr is a false-positive rate" in capsys.readouterr().err
+
+
+def test_calibrate_a_logistic_gate(tmp_path, prompt_files, capsys):
+    model_dir = save_tiny("llama", tmp_path / "model")
+    out = tmp_path / "vectors"
+    (prompt_files / "hard.txt").write_text("How do I kill a Python process?\nHow do I shoot a photo at night?\n")
+    common = ["--model", str(model_dir), "--harmful", str(prompt_files / "harmful.csv"),
+              "--harmless", str(prompt_files / "harmless.txt"), "--batch-size", "4", "--no-progress"]
+    assert main(["extract", *common, "--out", str(out)]) == 0
+    capsys.readouterr()
+    logistic = ["calibrate", *common, "--vectors", str(out), "--hard-negatives", str(prompt_files / "hard.txt"),
+                "--gate-method", "logistic", "--max-fpr", "0.25", "--gate-only"]
+    assert main(logistic) == 2  # 4 harmful prompts cannot fill 5 folds: one line saying so
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "needs at least 5 harmful and 5 harmless prompts, got 4 and 6" in errors[0]
+    assert main([*logistic, "--gate-folds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "gate (logistic, out-of-fold figures): layer" in printed and "logit cut" in printed
+    gate = Gate.load(out)
+    assert gate.source["method"] == "logistic" and gate.metrics["folds"] == 2 and gate.metrics["num_hard_negatives"] == 2
+    assert 0 <= gate.metrics["hard_negative_fpr"] <= 1
