@@ -6,7 +6,10 @@ Writes (one JSON object {"prompt": ...} per line):
 
 - ``extract_harmful.jsonl`` / ``extract_harmless.jsonl``: what the vectors are the mean difference of;
 - ``calib_harmful.jsonl`` / ``calib_harmless.jsonl``: the gate's and steering calibration's prompts;
-- ``hard_negatives.jsonl``: benign prompts that use dangerous words (the gate's false-positive test).
+- ``hard_negatives.jsonl``: benign prompts that use dangerous words (the gate's false-positive test);
+- ``gate_harmful.jsonl`` / ``gate_harmless.jsonl``: extraction + calibration prompts together, for a
+  logistic gate (``--gate-method logistic`` fits its own direction, so it need not leave the
+  vectors' prompts out).
 
 Sources: StrongREJECT (harmful; MIT), HarmBench's validation split (harmful; MIT; its test split is
 an evaluation set) and this project's authored prompts (``benchmarks/detector_data``: harmful,
@@ -67,7 +70,7 @@ def evaluation_prompts(data_dir: str | None = None) -> list[str]:
 
 
 def splits(data_dir: str | None = None) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """The five prompt lists (see the module docstring) and how many near-duplicates each source lost."""
+    """The prompt lists (see the module docstring) and how many near-duplicates each source lost."""
     rows = [json.loads(line) for line in AUTHORED.read_text(encoding="utf-8").splitlines() if line.strip()]
     by_group: dict[str, list[str]] = {}
     for r in rows:
@@ -91,13 +94,15 @@ def splits(data_dir: str | None = None) -> tuple[dict[str, list[str]], dict[str,
         rng.shuffle(lst)
     # Vectors from about 60% of each side; the rest calibrates (hard negatives only calibrate the gate).
     nh, nb = int(0.6 * len(harmful)), int(0.6 * len(harmless))
+    # A logistic gate fits its own direction, so it may learn from the extraction prompts as well.
     return {"extract_harmful": harmful[:nh], "extract_harmless": harmless[:nb], "calib_harmful": harmful[nh:],
-            "calib_harmless": harmless[nb:], "hard_negatives": hard}, dropped
+            "calib_harmless": harmless[nb:], "hard_negatives": hard, "gate_harmful": harmful,
+            "gate_harmless": harmless}, dropped
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.inferaligner_data", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for the five .jsonl files")
+    p.add_argument("--out", required=True, help="folder for the .jsonl files")
     p.add_argument("--data", help="the shared data folder (default: ../shared/data or $GUARDRAILS_DATA)")
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -362,7 +362,7 @@ def extract_activations(
     Give ``processor`` (a tokenizer or processor with a chat template: prompts are chat-templated
     with the generation prompt) or ``prepare`` (a callable turning a list of prompts into model
     inputs with an ``attention_mask``). Runs without gradients, in eval mode (restored
-    afterwards), ``batch_size`` prompts per forward.
+    afterwards), ``batch_size`` prompts of similar length per forward; rows come back in the given order.
     """
     if (processor is None) == (prepare is None):
         raise ValueError("pass exactly one of processor= (tokenizer/processor with a chat template) or prepare=")
@@ -382,9 +382,12 @@ def extract_activations(
     model.eval()  # dropout would make the read activations random
     try:
         # no_grad, not inference_mode: side tensors some models cache (Qwen2-VL rope_deltas) stay usable later.
+        # Batches of similar length: one long prompt (HarmBench's contextual rows run to 700 tokens)
+        # would otherwise pad its whole batch to its length. Rows go back to their order below.
+        order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
-                batch = list(prompts[start:start + batch_size])
+                batch = [prompts[i] for i in order[start:start + batch_size]]
                 inputs = _to_model(model, prepare(batch))
                 got = read_last_token(model, inputs, wanted, info)
                 rows.append(torch.stack([got[i].cpu() for i in wanted], dim=1))
@@ -394,7 +397,9 @@ def extract_activations(
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return Activations(layer_indices=wanted, values=torch.cat(rows, dim=0))
+    values = torch.empty_like(sorted_values := torch.cat(rows, dim=0))
+    values[torch.tensor(order)] = sorted_values
+    return Activations(layer_indices=wanted, values=values)
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,11 +131,13 @@ def _generate(model, inputs, n=6, **kw):
 def test_left_padded_batch_equals_one_by_one(arch, llama, gpt2, tok):
     model = llama if arch == "llama" else gpt2
     prompts = HARMFUL[:2] + HARMLESS[:3]
-    batched = extract_activations(model, prompts, processor=tok, batch_size=5, progress=False)
     single = torch.cat([extract_activations(model, [p], processor=tok, progress=False).values for p in prompts])
-    assert batched.values.shape == (5, model.config.num_hidden_layers, 32)
-    assert batched.values.dtype == torch.float32
-    torch.testing.assert_close(batched.values, single, atol=1e-5, rtol=1e-5)
+    # batch_size 2: prompts are batched by length across batches and must come back in their order
+    for batch_size in (5, 2):
+        batched = extract_activations(model, prompts, processor=tok, batch_size=batch_size, progress=False)
+        assert batched.values.shape == (5, model.config.num_hidden_layers, 32)
+        assert batched.values.dtype == torch.float32
+        torch.testing.assert_close(batched.values, single, atol=1e-5, rtol=1e-5)
     # The padded batch really had different lengths, so the test exercised the mask.
     assert not bool(_inputs(tok, prompts)["attention_mask"].all())
 

@@ -309,4 +309,7 @@ def test_inferaligner_prompt_files_leave_out_evaluation_prompts(data_dir):
     assert not used & evaluation
     strongreject = {s.prompt for s in datasets.load_strongreject(str(data_dir))}
     assert len(used & strongreject) == len(strongreject) - dropped["strongreject"]
-    assert set(lists) == {"extract_harmful", "extract_harmless", "calib_harmful", "calib_harmless", "hard_negatives"}
+    assert set(lists) == {"extract_harmful", "extract_harmless", "calib_harmful", "calib_harmless", "hard_negatives",
+                          "gate_harmful", "gate_harmless"}
+    assert sorted(lists["gate_harmful"]) == sorted(lists["extract_harmful"] + lists["calib_harmful"])
+    assert not set(lists["gate_harmless"]) & set(lists["hard_negatives"])
