@@ -158,7 +158,8 @@ def test_shipped_preset_loads_with_its_recorded_choice(llama):
     extra = ia.vectors.manifest.extra
     assert (ia.config.alpha, list(ia.config.layers), ia.config.scale, ia.config.positions) == (
         extra["alpha"], extra["layers"], extra["scale"], extra["positions"])
-    assert ia.gate is not None and ia.gate.metrics["max_fpr"] == 0.05 and "hard_negative_fpr" in ia.gate.metrics
+    assert ia.gate is not None and ia.gate.metrics["max_fpr"] == 0.02 and "hard_negative_fpr" in ia.gate.metrics
+    assert ia.gate.source["method"] == "logistic" and ia.gate.layer <= min(ia.config.layers)  # no gate pre-pass
     assert extra["steering_calibration"]["best"]["garbled"] == 0.0  # the recorded choice did not garble
     (spec,) = build_defenses("inferaligner:preset=qwen2.5-coder-0.5b-instruct,alpha=0.25")
     assert spec.config.alpha == 0.25 and spec.config.layers == ia.config.layers
