@@ -2,7 +2,9 @@
 
 Algorithm (DESIGN.md 3.3, arXiv 2401.11206): per row, a guidance gate ``g`` is decided once from
 the prefill, the projection of the wrapped (target) model's last-prompt-token activation at the gate
-layer onto the target's own unit safety vector, plus a bias; then at the output of every steered
+layer onto a unit direction, plus a bias (the paper's direction is the target's own safety vector;
+``steering.calibrate_gate(method="logistic")`` fits one, which separates harm where the vector
+follows prompt style: benchmarks/RESULTS.md); then at the output of every steered
 decoder layer, at all positions, ``x_l <- x_l + alpha * g * theta_l``. ``theta`` are safety steering
 vectors, taken from an aligned model of the same architecture ("cross-model guidance") or from the
 target itself. The hooks are :func:`steering.steer`; this module adapts them into a during-stage
