@@ -95,9 +95,8 @@ def test_module_entry_point_help():
     assert out.returncode == 0 and "--harmful" in out.stdout and "--method" in out.stdout
 
 
-def test_calibrate_with_hard_negatives_and_steering(tmp_path, prompt_files, capsys):
-    """The whole calibration: gate at a false-positive budget (hard negatives reported apart), then
-    steering layers/alpha chosen by generating, recorded in the manifest, or a clear refusal."""
+def _extracted(tmp_path, prompt_files, capsys):
+    """A tiny saved Llama, its vectors extracted, two hard negatives written: (common CLI args, vectors folder)."""
     model_dir = save_tiny("llama", tmp_path / "model")
     out = tmp_path / "vectors"
     (prompt_files / "hard.txt").write_text("How do I kill a Python process?\nHow do I shoot a photo at night?\n")
@@ -105,6 +104,13 @@ def test_calibrate_with_hard_negatives_and_steering(tmp_path, prompt_files, caps
               "--harmless", str(prompt_files / "harmless.txt"), "--batch-size", "4", "--no-progress"]
     assert main(["extract", *common, "--out", str(out)]) == 0
     capsys.readouterr()
+    return common, out
+
+
+def test_calibrate_with_hard_negatives_and_steering(tmp_path, prompt_files, capsys):
+    """The whole calibration: gate at a false-positive budget (hard negatives reported apart), then
+    steering layers/alpha chosen by generating, recorded in the manifest, or a clear refusal."""
+    common, out = _extracted(tmp_path, prompt_files, capsys)
     rc = main(["calibrate", *common, "--vectors", str(out), "--hard-negatives", str(prompt_files / "hard.txt"),
                "--max-fpr", "0.25", "--steer-layers", "0,1", "--alphas", "0.5", "--max-new-tokens", "6"])
     printed = capsys.readouterr()
@@ -124,13 +130,7 @@ def test_calibrate_with_hard_negatives_and_steering(tmp_path, prompt_files, caps
 
 
 def test_calibrate_a_logistic_gate(tmp_path, prompt_files, capsys):
-    model_dir = save_tiny("llama", tmp_path / "model")
-    out = tmp_path / "vectors"
-    (prompt_files / "hard.txt").write_text("How do I kill a Python process?\nHow do I shoot a photo at night?\n")
-    common = ["--model", str(model_dir), "--harmful", str(prompt_files / "harmful.csv"),
-              "--harmless", str(prompt_files / "harmless.txt"), "--batch-size", "4", "--no-progress"]
-    assert main(["extract", *common, "--out", str(out)]) == 0
-    capsys.readouterr()
+    common, out = _extracted(tmp_path, prompt_files, capsys)
     logistic = ["calibrate", *common, "--vectors", str(out), "--hard-negatives", str(prompt_files / "hard.txt"),
                 "--gate-method", "logistic", "--max-fpr", "0.25", "--gate-only"]
     assert main(logistic) == 2  # 4 harmful prompts cannot fill 5 folds: one line saying so
