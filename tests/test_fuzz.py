@@ -305,7 +305,7 @@ CONFIGS = {
     "ECSO": ("threshold", "caption_tokens", "no_image", "reuse_cache"),
     "AdaShield": ("pool", "threshold", "placement", "max_retrievals"),
     "OCRScreen": ("mode", "threshold", "engine", "overlap", "min_chars", "with_user_text", "refusal_text"),
-    "Protector": ("detoxifier", "threshold", "mode", "every", "max_new_tokens", "refusal_text"),
+    "Protector": ("detoxifier", "threshold", "mode", "every", "max_new_tokens", "refusal_text", "scan", "context", "final"),
 }
 
 

@@ -4,13 +4,36 @@ arXiv 2401.02906; pipilurj/MLLM-protector), after the answer or while it streams
 - ``mode="post"``: after generation, score every answer with ``detector.predict(answers, queries)``;
   P(unsafe) >= ``threshold`` sends the row to the detoxifier. The detector always gets the question
   (their inference code dropped it although the detector was trained with it; DESIGN.md 3.4).
-- ``mode="stream"``: during generation, a per-row StoppingCriteria scores every still-running row's
-  partial answer each ``every`` new tokens (one batched call); a row that fires stops at once (only
-  that row: the others continue untouched) and goes to the detoxifier after generation. Tokens after
-  the last check (the tail) are scored once the answer is complete. ``stream()`` shows only tokens
-  already checked safe, so a flagged span is never shown.
+- ``mode="stream"``: during generation, a per-row StoppingCriteria scores every still-running row
+  each ``every`` new tokens (one batched call); a row that fires stops at once (only that row: the
+  others continue untouched) and goes to the detoxifier after generation. Tokens after the last
+  check (the tail) are scored once the answer is complete. ``stream()`` shows only tokens already
+  checked safe, so a flagged span is never shown.
 - With a :class:`~guardrails.classifiers.hidden_probe.HiddenStateProbe` as detector, both modes read
   the activations of the generation itself (a forward hook at the probe's layer): no extra forward.
+
+What a text detector reads in stream mode (``scan``, ``context``, ``final``). With ``scan="window"``
+(the default) each check scores a window: the ``every`` tokens new since the row's previous check plus
+the ``context`` tokens before them, decoded, with the question; so a check costs the same at token
+2,000 as at token 16 (``scan="prefix"``, the behaviour before, re-read the whole answer so far at
+every check: O(answer) per check and O(answer^2) per answer). Windows, not encoder state kept
+between checks: the shipped detector is a bidirectional encoder with mean pooling (every token's state
+depends on every later token, so there is no state to extend), the interface is text in and P(unsafe)
+out for every :class:`HarmClassifier` (keyword judges, guard models, sequence classifiers), and the
+encoder truncates at 256 of its tokens, so whole-prefix checks never read past about the first 256
+words anyway. A row fires when any one window scores >= ``threshold`` (the maximum over windows), so
+a harmful passage in the middle is not diluted by benign text around it. Windows overlap by exactly
+``context`` tokens and leave no gap: every answer token is new in exactly one window. The carried
+context gives a window the sentence it continues (48 tokens by default: with every=16 a window is 64
+answer tokens, about 2-3 sentences; see benchmarks/RESULTS.md for how the choice was measured).
+After generation (``final``): ``"answer"`` (default) scores the tail window and the whole answer in
+one batched call and flags the row when either fires, so on a completed answer stream mode flags
+everything post mode flags, and the whole answer's score covers harm that only a reading longer than
+one window shows; the extra cost is post mode's one score, paid after decoding, not during it.
+``"windows"`` scores the tail window only (no O(answer) step at all). The verdict's
+``detail["scored"]`` says which of these was done, and ``detail["checks"]`` lists every span scored
+(``from``/``tokens``: answer tokens [from, tokens)). A HiddenStateProbe ignores the three settings:
+its running pool over the generation's activations already costs O(1) per step.
 
 Detoxifier (their "correction model"): a causal LM rewrites the flagged answer given the question
 and the answer (prompt ``mllm_protector_detoxify``, their with-question variant); by default the
@@ -18,8 +41,9 @@ wrapped model itself (``ctx.calls.generate``), batched over flagged rows only. T
 screened again by the same detector; still unsafe -> the refusal text. ``detoxifier="refuse"``
 answers flagged rows with the refusal text directly.
 
-Verdicts (stage "after", one per row): score, threshold, categories, ``detail["fired_at"]`` (answer
-tokens when it fired), ``detail["checks"]`` (every check's token count and score), the detoxifier
+Verdicts (stage "after", one per row): score (the maximum over everything scored), threshold,
+categories, ``detail["fired_at"]`` (answer tokens when it fired), ``detail["generated_after_firing"]``
+(tokens generated after the firing check: the stop distance), ``detail["checks"]``, the detoxifier
 outcome, and the original answer (also ``GuardedResult.original_text``). In stream mode the "during"
 verdict says which rows were stopped and where.
 """
@@ -45,10 +69,14 @@ from guardrails.config import Config
 from guardrails.defense import CallContext, Defense, Requirements, Row
 from guardrails.results import Action, Verdict, check_threshold
 
-__all__ = ["Protector", "ProtectorConfig", "Detoxifier", "MODES", "DETOX_PROMPT"]
+__all__ = ["Protector", "ProtectorConfig", "Detoxifier", "MODES", "SCANS", "FINALS", "DETOX_PROMPT", "stream_windows"]
 
 Mode = Literal["post", "stream"]  # "post": after the answer, "stream": every `every` new tokens
 MODES: tuple[str, ...] = get_args(Mode)
+Scan = Literal["window", "prefix"]  # what one stream check of a text detector reads
+SCANS: tuple[str, ...] = get_args(Scan)
+Final = Literal["answer", "windows"]  # what a text detector reads after generation in stream mode
+FINALS: tuple[str, ...] = get_args(Final)
 DETOX_PROMPT = "mllm_protector_detoxify"
 # Generation settings that make sense for a separate model (token ids of the wrapped model's tokenizer do not).
 _PORTABLE = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
@@ -65,12 +93,24 @@ class ProtectorConfig(Config):
     refusal_text: str = field(default_factory=lambda: prompts.render("refusal_default"))
     #: new-token limit of a rewrite; None: the call's own generate settings
     max_new_tokens: int | None = None
+    #: stream mode, text detector: "window" scores the tokens new since the previous check plus
+    #: ``context`` tokens before them (cost per check independent of the answer's length);
+    #: "prefix" scores the whole answer so far at every check (the behaviour before windows)
+    scan: Scan = "window"
+    #: stream mode, scan="window": already-checked answer tokens carried in front of the new ones
+    context: int = 48
+    #: stream mode, text detector, after generation: "answer" scores the tail window and the whole
+    #: answer (flagged if either fires); "windows" the tail window only
+    final: Final = "answer"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_threshold(self.threshold)
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"every must be a positive int (new tokens between checks in stream mode), got {self.every!r}")
+        if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 0:
+            raise ValueError(f"context must be an int >= 0 (answer tokens carried into each stream window before the "
+                             f"new ones; 0: new tokens only), got {self.context!r}")
         if not isinstance(self.refusal_text, str) or not self.refusal_text.strip():
             raise ValueError("refusal_text must be a non-empty string (what a row gets when it cannot be repaired)")
         if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
@@ -157,6 +197,27 @@ class Detoxifier:
         return [g.text for g in target.generate_texts(texts, **kw)]
 
 
+def window_start(checked: int, scan: str, context: int) -> int:
+    """First answer token of the next window of a row whose tokens up to ``checked`` were scored."""
+    return 0 if scan == "prefix" else max(0, checked - context)
+
+
+def stream_windows(n_tokens: int, every: int, scan: str = "window", context: int = ProtectorConfig.context) -> list[tuple[int, int]]:
+    """The spans ``[from, to)`` of answer tokens that stream checks score for an answer of ``n_tokens``
+    that ran to its end: one per check, then the tail (if any tokens are left). Without ``final``'s
+    whole-answer score.
+
+    >>> stream_windows(40, every=16, context=4)
+    [(0, 16), (12, 32), (28, 40)]
+    """
+    out, checked = [], 0
+    for end in [*range(every, n_tokens + 1, every), n_tokens]:
+        if end > checked:
+            out.append((window_start(checked, scan, context), end))
+            checked = end
+    return out
+
+
 def _b(row: Row) -> int:
     """``row.batch_index``, set on every row the during and after stages see (the generated ones)."""
     if row.batch_index is None:
@@ -175,6 +236,8 @@ class _CallState:
     fired: list[HarmScore | None]
     checks: list[list[dict[str, Any]]]
     fired_mask: torch.Tensor
+    #: rows seen to have ended (an EOS or padding token) by a text check
+    ended: list[bool] = field(default_factory=list)
     capture: Any = None
     check_ms: float = 0.0
     n_checks: int = 0
@@ -192,8 +255,10 @@ class _Scorer(Protocol):
     def step(self, st: _CallState, input_ids: torch.Tensor) -> None:
         """Called after every generate step, before any check."""
 
-    def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor) -> tuple[list[int], list[HarmScore]]:
-        """Score the partial answers of batch rows ``cand`` still answering: (rows scored, their scores)."""
+    def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor
+                ) -> tuple[list[int], list[HarmScore], list[int]]:
+        """Score the partial answers of batch rows ``cand`` still answering: (rows scored, their scores,
+        the first answer token each score read)."""
 
     def score(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str], own: bool) -> tuple[list[HarmScore], list[str]]:
         """Score complete answers ``texts`` of ``rows``; ``own``: they are the rows' generated answers.
@@ -201,12 +266,12 @@ class _Scorer(Protocol):
 
 
 class _TextScorer:
-    """``detector.predict(answers, queries)`` on the decoded answer."""
+    """``detector.predict(texts, queries)`` on decoded answer text: a window per check (or the prefix)."""
 
     every_step = False
 
-    def __init__(self, detector: HarmClassifier):
-        self.detector = detector
+    def __init__(self, detector: HarmClassifier, owner: Protector):
+        self.detector, self.owner = detector, owner  # the owner's config is read per call (it may be replaced)
 
     def start(self, ctx: CallContext, stack: contextlib.ExitStack, st: _CallState) -> dict[str, Any] | None:
         return None
@@ -214,13 +279,24 @@ class _TextScorer:
     def step(self, st: _CallState, input_ids: torch.Tensor) -> None:
         pass
 
-    def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor) -> tuple[list[int], list[HarmScore]]:
+    def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor
+                ) -> tuple[list[int], list[HarmScore], list[int]]:
+        cfg = self.owner.config
         stops = ctx.engine.stop_token_ids
-        new = input_ids[cand, ctx.prompt_len:].tolist() if cand else []
-        keep = [(b, ids) for b, ids in zip(cand, new) if not stops.intersection(ids)]  # finished rows: tail checked after
-        cand = [b for b, _ in keep]
-        texts = [ctx.engine.decode(ids) for _, ids in keep]
-        return cand, (self.detector.predict(texts, [st.queries[b] for b in cand]) if cand else [])
+        rows, starts, texts = [], [], []
+        for b in cand:
+            if st.ended[b]:
+                continue
+            start = window_start(st.checked[b], cfg.scan, cfg.context)
+            # Only the window is read: tokens before it were read by earlier checks (an end seen there set `ended`).
+            ids = input_ids[b, ctx.prompt_len + start:].tolist()
+            if stops.intersection(ids[st.checked[b] - start:]):
+                st.ended[b] = True  # finished: its tail is checked after generation
+                continue
+            rows.append(b)
+            starts.append(start)
+            texts.append(ctx.engine.decode(ids))
+        return rows, (self.detector.predict(texts, [st.queries[b] for b in rows]) if rows else []), starts
 
     def score(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str], own: bool) -> tuple[list[HarmScore], list[str]]:
         return self.detector.predict(texts, [st.queries[_b(r)] for r in rows]), ["text"] * len(rows)
@@ -245,14 +321,15 @@ class _ProbeScorer:
             st.capture.stop(st.fired_mask)  # rows a check stopped add no more positions to their pool
         st.capture.observe(input_ids)
 
-    def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor) -> tuple[list[int], list[HarmScore]]:
+    def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor
+                ) -> tuple[list[int], list[HarmScore], list[int]]:
         alive = st.capture.alive.cpu().tolist()
         cand = [b for b in cand if alive[b]]
         if not cand:
-            return [], []
+            return [], [], []
         feats, counts = st.capture.pooled(self.probe.config.pooling)
         idx = torch.tensor(cand, device=feats.device)
-        return cand, self.probe.score_pooled(feats[idx], counts[idx])
+        return cand, self.probe.score_pooled(feats[idx], counts[idx]), [0] * len(cand)  # its pool spans the whole answer
 
     def score(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str], own: bool) -> tuple[list[HarmScore], list[str]]:
         """Reuses the generation's activations where they match the answer; teacher-forces the rest."""
@@ -304,7 +381,10 @@ class Protector(Defense):
     :class:`HiddenStateProbe` on the wrapped model (reads the generation's own activations).
     ``detoxifier``: "self" (the wrapped model rewrites), "refuse" (the refusal text), or a
     :class:`Detoxifier` with a separate model. ``refusal_text``: the fallback answer.
-    ``max_new_tokens``: limit of a rewrite (default: the call's).
+    ``max_new_tokens``: limit of a rewrite (default: the call's). Stream mode with a text detector:
+    ``scan`` ("window": new tokens plus ``context`` tokens before them per check; "prefix": the whole
+    answer so far), ``context`` (48), ``final`` ("answer": tail window and whole answer after
+    generation; "windows": tail window only); see the module docstring.
     """
 
     supports_streaming: ClassVar[bool] = True  # stream() shows only tokens the detector has passed
@@ -312,7 +392,8 @@ class Protector(Defense):
     def __init__(self, detector: HarmClassifier, detoxifier: str | Detoxifier = "self",
                  threshold: float = ProtectorConfig.threshold, mode: Mode = ProtectorConfig.mode,
                  every: int = ProtectorConfig.every, refusal_text: str | None = None, *,
-                 max_new_tokens: int | None = ProtectorConfig.max_new_tokens, name: str | None = None):
+                 max_new_tokens: int | None = ProtectorConfig.max_new_tokens, scan: Scan = ProtectorConfig.scan,
+                 context: int = ProtectorConfig.context, final: Final = ProtectorConfig.final, name: str | None = None):
         super().__init__(name)
         if isinstance(detector, type):
             raise TypeError(f"detector is the class {detector.__name__}; pass an instance")
@@ -321,7 +402,8 @@ class Protector(Defense):
         if isinstance(detector, HiddenStateProbe) and detector.head is None:
             raise ValueError("the HiddenStateProbe has no head: fit it (probe.fit(...)) or load one (HiddenStateProbe.load(dir))")
         cfg = {} if refusal_text is None else {"refusal_text": refusal_text}
-        self.config = ProtectorConfig(threshold=threshold, mode=mode, every=every, max_new_tokens=max_new_tokens, **cfg)
+        self.config = ProtectorConfig(threshold=threshold, mode=mode, every=every, max_new_tokens=max_new_tokens, scan=scan,
+                                      context=context, final=final, **cfg)
         if isinstance(detoxifier, str):
             if detoxifier not in ("self", "refuse"):
                 raise ValueError(f"detoxifier must be 'self', 'refuse' or a Detoxifier, got {detoxifier!r} "
@@ -332,13 +414,13 @@ class Protector(Defense):
         self.detector = detector
         self.detoxifier: Detoxifier | str = detoxifier
         self.probe: HiddenStateProbe | None = detector if isinstance(detector, HiddenStateProbe) else None
-        self._scorer: _Scorer = _TextScorer(detector) if self.probe is None else _ProbeScorer(self.probe, self)
+        self._scorer: _Scorer = _TextScorer(detector, self) if self.probe is None else _ProbeScorer(self.probe, self)
 
     @classmethod
     def from_spec(cls, detector: str = "default", **options: Any) -> Protector:
         """Spec options: ``detector=default|DIR`` (a saved probe folder), ``mode=post|stream``, ``every=16``,
         ``threshold=0.5``, ``detoxifier=self|refuse|DIR`` (a local causal LM), ``refusal_text=...``,
-        ``max_new_tokens=128``.
+        ``max_new_tokens=128``, ``scan=window|prefix``, ``context=48``, ``final=answer|windows``.
 
         >>> build_defenses("protector:mode=stream,every=16,detector=runs/probe")
         """
@@ -377,7 +459,7 @@ class Protector(Defense):
         n = len(rows)
         st = _CallState(rows=rows, queries=[conv_mod.last_user_text(r.conv) for r in rows], checked=[0] * n,
                         fired_at=[None] * n, fired=[None] * n, checks=[[] for _ in range(n)],
-                        fired_mask=torch.zeros(n, dtype=torch.bool))
+                        fired_mask=torch.zeros(n, dtype=torch.bool), ended=[False] * n)
         ctx.state[self.name] = {"call": st}
         if self.config.mode == "stream":
             eos = ctx.generate_kwargs.get("eos_token_id", getattr(ctx.engine.model.generation_config, "eos_token_id", None))
@@ -393,10 +475,10 @@ class Protector(Defense):
         """Score every row still answering at ``n`` tokens (one batched call); stop the rows that fire."""
         t0 = time.perf_counter()
         cand = [b for b in range(len(st.rows)) if st.fired_at[b] is None and not bool(ctx.stop_flags[b])]
-        cand, scores = self._scorer.partial(ctx, st, cand, input_ids)
+        cand, scores, starts = self._scorer.partial(ctx, st, cand, input_ids)
         thr = self.config.threshold
-        for b, s in zip(cand, scores):
-            st.checks[b].append({"tokens": n, "score": float(s.score)})
+        for b, s, start in zip(cand, scores, starts):
+            st.checks[b].append({"from": start, "tokens": n, "score": float(s.score)})
             if s.score >= thr:
                 st.fired_at[b], st.fired[b] = n, s
                 st.fired_mask[b] = True
@@ -431,11 +513,44 @@ class Protector(Defense):
                 threshold=self.config.threshold, action="stop" if s is not None else "pass",
                 categories=list(s.categories) if s is not None else [],
                 detail={"fired_at": st.fired_at[b], "checks": list(st.checks[b]), "every": self.config.every,
-                        "checks_ms_total": st.check_ms, "n_check_calls": st.n_checks},
+                        "scored": self._scored(), "checks_ms_total": st.check_ms, "n_check_calls": st.n_checks},
             ))
         return out
 
+    def _scored(self) -> str:
+        """What this configuration scores, in words (``detail["scored"]``)."""
+        cfg = self.config
+        if self.probe is not None:
+            what = "the probe on the answer's activations pooled from its first token"
+            return what + (f", every {cfg.every} tokens and at the end" if cfg.mode == "stream" else ", after generation")
+        if cfg.mode == "post":
+            return "the whole answer with the question, after generation"
+        if cfg.scan == "prefix":
+            return (f"the whole answer so far every {cfg.every} tokens (scan='prefix'), and the whole answer after "
+                    "generation when tokens were left unchecked")
+        end = "the tail window and the whole answer" if cfg.final == "answer" else "the tail window only (final='windows')"
+        return (f"windows: the {cfg.every} new tokens of each check plus up to {cfg.context} tokens before them; "
+                f"after generation {end}; flagged when any score >= threshold")
+
     # -- after: final scores, detoxify, re-screen ------------------------------------------------
+    def _final_spans(self, ctx: CallContext, st: _CallState, r: Row) -> list[tuple[int, str, str]]:
+        """What is left to score of a completed, unstopped row: (first answer token, text, scope) per span."""
+        cfg, b, n = self.config, _b(r), len(r.token_ids)
+        if cfg.mode == "post" or r.original_text is not None:
+            return [(0, r.text, "answer")]  # changed by an earlier defense: the windows did not see this text
+        if self.probe is not None or cfg.scan == "prefix":
+            return [] if 0 < n == st.checked[b] else [(0, r.text, "answer")]  # the last check read it all
+        spans: list[tuple[int, str, str]] = []
+        start = window_start(st.checked[b], cfg.scan, cfg.context)
+        if n > st.checked[b] or n == 0:  # the tail: tokens after the last check
+            if start == 0:
+                return [(0, r.text, "answer")]  # the tail window is the whole answer
+            spans.append((start, ctx.engine.decode(r.token_ids[start:]), "tail"))
+        last_from = next((c.get("from", 0) for c in reversed(st.checks[b])), None)
+        if cfg.final == "answer" and not (not spans and last_from == 0):  # (a last window from token 0 read it all)
+            spans.append((0, r.text, "answer"))
+        return spans
+
     def _after(self, ctx: CallContext, rows: list[Row]) -> list[Verdict]:
         cfg = self.config
         st: _CallState = ctx.state[self.name]["call"]
@@ -443,31 +558,38 @@ class Protector(Defense):
         flagged: dict[int, HarmScore] = {}
         where: dict[int, str] = {}
         notes: dict[int, dict[str, Any]] = {id(r): {} for r in rows}
-        final_rows: list[Row] = []
+        todo_rows: list[Row] = []
+        todo: list[tuple[int, str, str]] = []
         s: HarmScore | None
         for r in rows:
             b = _b(r)
             n = st.fired_at[b]
             if stream and n is not None and r.original_text is None:
+                notes[id(r)]["generated_after_firing"] = len(r.token_ids) - n  # the stop distance
                 if len(r.token_ids) > n:  # transformers kept generating the row (no EOS criterion): cut it here
                     notes[id(r)]["truncated_from"] = len(r.token_ids)
                     r.truncate(n, ctx.engine.decode(r.token_ids[:n]))
                 flagged[id(r)], where[id(r)] = st.fired[b], "during"  # type: ignore[assignment]
-            elif stream and r.original_text is None and 0 < len(r.token_ids) == st.checked[b]:
-                continue  # every token was checked safe during generation
-            else:
-                final_rows.append(r)
+                continue
+            for span in self._final_spans(ctx, st, r):
+                todo_rows.append(r)
+                todo.append(span)
         t0 = time.perf_counter()
-        scores, how = self._scorer.score(ctx, st, final_rows, [r.text for r in final_rows], own=True) if final_rows else ([], [])
+        scores, how = self._scorer.score(ctx, st, todo_rows, [t for _, t, _ in todo], own=True) if todo else ([], [])
         final_ms = (time.perf_counter() - t0) * 1e3
-        for r, s, h in zip(final_rows, scores, how):
-            st.checks[_b(r)].append({"tokens": len(r.token_ids), "score": float(s.score), "stage": "after"})
+        best: dict[int, HarmScore] = {}
+        for r, (start, _, scope), got, h in zip(todo_rows, todo, scores, how):
+            st.checks[_b(r)].append({"from": start, "tokens": len(r.token_ids), "score": float(got.score), "stage": "after",
+                                     "scope": scope})
             notes[id(r)]["final_score_from"] = h
-            if s.score >= cfg.threshold:
+            if id(r) not in best or got.score > best[id(r)].score:
+                best[id(r)] = got
+        for r in rows:
+            s = best.get(id(r))
+            if s is not None and s.score >= cfg.threshold:
                 flagged[id(r)], where[id(r)] = s, "after"
 
-        todo = [r for r in rows if id(r) in flagged]
-        detox = self._detoxify(ctx, st, todo)
+        detox = self._detoxify(ctx, st, [r for r in rows if id(r) in flagged])
         out = []
         for r in rows:
             b = _b(r)
@@ -480,11 +602,14 @@ class Protector(Defense):
                 "fired_at": (st.fired_at[b] if where.get(id(r)) == "during" else len(r.token_ids)) if s is not None else None,
                 "fired_in": where.get(id(r)),
                 "n_tokens": len(r.token_ids),
+                "scored": self._scored(),
                 "final_score_ms": final_ms,
                 **notes[id(r)],
             }
             if stream:
                 detail.update(every=cfg.every, stopped_at=r.stopped_at, checked_tokens=st.checked[b])
+                if self.probe is None:
+                    detail.update(scan=cfg.scan, context=cfg.context, final=cfg.final)
             elif ctx.mode == "stream":
                 detail["stream"] = "held back until the whole answer was scored (mode='post')"
             action: Action = "pass"
