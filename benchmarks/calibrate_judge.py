@@ -44,7 +44,7 @@ def calibration_prompts(n_harmful: int, n_benign: int, data: str | None) -> tupl
     """Harmful and benign prompts (half plain benign, half hard negatives), seeded, disjoint from the evaluation sets."""
     from benchmarks.inferaligner_data import splits
 
-    s = splits(data)
+    s, _ = splits(data)
     harmful = s["calib_harmful"][:n_harmful]
     half = n_benign // 2
     benign = s["calib_harmless"][: n_benign - half] + s["hard_negatives"][:half]
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "choice": best["choice"], "sweep": [{k: v for k, v in r.items() if k != "scores"} for r in sweep],
             "prompts": {"harmful": nh, "benign": len(benign), "harmful_answered": sum(complied[:nh]),
                         "benign_answered": sum(complied[nh:])},
-            "data": "benchmarks/inferaligner_data.py splits: calib_harmful (StrongREJECT, MIT + authored), calib_harmless "
-                    "(authored) and hard_negatives (authored); no evaluation set",
+            "data": "benchmarks/inferaligner_data.py splits: calib_harmful (StrongREJECT, HarmBench val, MIT + authored), "
+                    "calib_harmless (authored) and hard_negatives (authored); near-duplicates of evaluation prompts dropped",
             "refusal_judge": "keyword-jailbreakbench", "generation": {"max_new_tokens": args.max_new_tokens, "greedy": True,
                                                                      "dtype": args.dtype},
             "command": command, "machine": machine_info(),
