@@ -46,7 +46,6 @@ from guardrails.classifiers.base import HarmClassifier, HarmScore  # noqa: E402
 from guardrails.defenses.protector import Detoxifier, Protector  # noqa: E402
 
 _spec.REGISTRY.setdefault("protector_minilm", "benchmarks.protector_latency:MiniLMProtector")
-_spec.REGISTRY.setdefault("protector_qcache", "benchmarks.protector_latency:QueryCacheProtector")
 
 _SAFE = ["I'm sorry, but I cannot help with that request.", "I am sorry, I can't assist with that.",
          "Here is a recipe for chocolate cake: mix flour, sugar, butter and eggs.", "The image shows a cat on a table.",
@@ -92,50 +91,6 @@ class MiniLMProtector(Protector):
             detox = Detoxifier.from_pretrained(detoxifier, max_new_tokens=options.get("max_new_tokens"))
         options.setdefault("name", "Protector")  # verdicts read like the library's own Protector
         return cls(minilm_detector(), detox, threshold=threshold, mode=mode, every=every, refusal_text=refusal_text, **options)
-
-
-class _QueryCache:
-    """What-if for the benchmark only: the default detector embedding each call's questions once instead of at
-    every check (a change guardrails/classifiers/detector.py would need; not thread-safe, not shipped). Only
-    question strings are kept, and the Protector clears them at the start of every call, so answers and windows
-    are always embedded afresh."""
-
-    def __init__(self, det: Any):
-        self._queries: set[str] = set()
-        self.cache: dict[str, Any] = {}
-        self._embed, self._logits = det._embed_unique, det.logits
-        det._embed_unique, det.logits = self._embed_unique, self.logits  # this instance only
-
-    def logits(self, texts: Sequence[str], queries: Sequence[str | None] | None = None) -> Any:
-        self._queries = {q for q in (queries or []) if q is not None}
-        return self._logits(texts, queries)
-
-    def _embed_unique(self, strings: list[str]) -> dict[str, Any]:
-        miss = [x for x in dict.fromkeys(strings) if x not in self.cache]
-        got = self._embed(miss) if miss else {}
-        self.cache.update({k: v for k, v in got.items() if k in self._queries})
-        return {x: self.cache[x] if x in self.cache else got[x] for x in strings}
-
-
-class QueryCacheProtector(Protector):
-    """Protector on a second default detector that embeds a call's questions once (spec ``protector_qcache``; a what-if)."""
-
-    _qcache: _QueryCache
-
-    @classmethod
-    def from_spec(cls, **options: Any) -> Protector:
-        from guardrails.classifiers import load_default_detector
-
-        det = load_default_detector()
-        options.setdefault("name", "Protector")
-        p = cls(det, **options)
-        p._qcache = _QueryCache(det)
-        det.name = f"{det.name} + per-call question-embedding cache (benchmark what-if)"
-        return p
-
-    def _during(self, ctx: Any, stack: Any) -> None:
-        self._qcache.cache.clear()  # per call, as a shipped version would keep it
-        super()._during(ctx, stack)
 
 
 # -- probe ----------------------------------------------------------------------------------------
@@ -351,7 +306,8 @@ def check_cost_by_position(tokenizer_path: str, *, positions: Sequence[int] = (6
                            context: int = 48, batch: int = 1, repeats: int = 5, threads: int | None = None) -> list[dict[str, Any]]:
     """The shipped detector's time for one stream check at answer token ``n``: scan="prefix" (tokens [0, n)) vs
     scan="window" (tokens [n - every - context, n)), on a long benign answer (one paragraph repeated) in the
-    tokens of ``tokenizer_path``, with a 20-word question; median of ``repeats``, ``batch`` rows per call."""
+    tokens of ``tokenizer_path``, with a 20-word question (embedded once per call, as Protector's checks do);
+    median of ``repeats``, ``batch`` rows per call."""
     import torch
     from transformers import AutoTokenizer
 
@@ -372,11 +328,12 @@ def check_cost_by_position(tokenizer_path: str, *, positions: Sequence[int] = (6
         row: dict[str, Any] = {"position": n, "batch": batch}
         for scan, start in (("prefix", 0), ("window", max(0, n - every - context))):
             texts = [tok.decode(ids[start + b:n + b], skip_special_tokens=True) for b in range(batch)]
-            det.predict(texts, [q] * batch)
+            scorer = det.for_call()  # as Protector scores: the question is embedded by the first check only
+            scorer.predict(texts, [q] * batch)
             ts = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                det.predict(texts, [q] * batch)
+                scorer.predict(texts, [q] * batch)
                 ts.append((time.perf_counter() - t0) * 1e3)
             row[f"{scan}_ms"], row[f"{scan}_tokens"] = statistics.median(ts), n - start
         out.append(row)

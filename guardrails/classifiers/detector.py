@@ -105,29 +105,36 @@ class PromptResponseDetector(HarmClassifier):
 
         self._judges = [KeywordJudge.from_list(k) for k in self.keyword_features]
 
-    def _embed_unique(self, strings: list[str]) -> dict[str, np.ndarray]:
-        # A stream screens the same query every few tokens: embed each distinct string once per call.
-        uniq = list(dict.fromkeys(strings))
-        vecs = embed_texts(self.encoder, self.tokenizer, uniq, self.features)
-        return dict(zip(uniq, vecs))
-
-    def logits(self, texts: Sequence[str], queries: Sequence[str | None] | None = None) -> np.ndarray:
-        """Raw stacked/prompt logits per row (before the sigmoid)."""
+    def logits(self, texts: Sequence[str], queries: Sequence[str | None] | None = None, *,
+               known: dict[str, float] | None = None) -> np.ndarray:
+        """Raw stacked/prompt logits per row (before the sigmoid). ``known`` maps queries to their
+        prompt-head logits; those are not embedded again, and new ones are added to it."""
         texts = list(texts)
         qs = list(queries) if queries is not None else [None] * len(texts)
-        vec = self._embed_unique(texts + [q for q in qs if q is not None])
+        known = {} if known is None else known
+        new_q = [q for q in dict.fromkeys(q for q in qs if q is not None) if q not in known]
+        # Each distinct string is embedded once (a stream's windows may repeat, and so may queries)
+        uniq = list(dict.fromkeys(texts + new_q))
+        vec = dict(zip(uniq, embed_texts(self.encoder, self.tokenizer, uniq, self.features)))
         X = np.stack([vec[t] for t in texts])
         z = self.heads["prompt"].logit(X)
+        if new_q:
+            known.update(zip(new_q, self.heads["prompt"].logit(np.stack([vec[q] for q in new_q])).tolist()))
         has_q = np.array([q is not None for q in qs])
         if has_q.any():
             zr = self.heads["response"].logit(X[has_q])
-            zq = self.heads["prompt"].logit(np.stack([vec[q] for q in qs if q is not None]))
+            zq = np.array([known[q] for q in qs if q is not None])
             kw = [j.scores([t for t, h in zip(texts, has_q) if h]) for j in self._judges]
             z[has_q] = self.heads["stack"].logit(np.column_stack([zr, zq, *kw]))
         return z
 
-    def _predict(self, texts: list[str], queries: list[str | None] | None) -> list[HarmScore]:
-        z = self.logits(texts, queries)
+    def for_call(self) -> HarmClassifier:
+        """A scorer that embeds each question once per call: a stream check then embeds only its window
+        (with 128-token prompts the question cost more than the window)."""
+        return _CallScoped(self)
+
+    def _predict(self, texts: list[str], queries: list[str | None] | None, known: dict[str, float] | None = None) -> list[HarmScore]:
+        z = self.logits(texts, queries, known=known)
         p = 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
         out = []
         for i, s in enumerate(p):
@@ -179,3 +186,19 @@ class PromptResponseDetector(HarmClassifier):
             meta = {k: v for k, v in man.items() if k not in skip}
             return cls(encoder, tokenizer, heads, features=FeatureConfig.from_dict(man["features"]), name=man.get("name", KIND),
                        metadata=meta, threshold=threshold, keyword_features=man.get("keyword_features", []))
+
+
+class _CallScoped(HarmClassifier):
+    """One call's view of a :class:`PromptResponseDetector`: the questions' prompt logits are kept
+    for the call (they live in the call's state, not on the shared detector)."""
+
+    def __init__(self, detector: PromptResponseDetector) -> None:
+        self.detector = detector
+        self.name, self.version = detector.name, detector.version
+        self._known: dict[str, float] = {}
+
+    def _predict(self, texts: list[str], queries: list[str | None] | None) -> list[HarmScore]:
+        return self.detector._predict(texts, queries, known=self._known)
+
+    def describe(self) -> dict[str, str]:
+        return self.detector.describe()

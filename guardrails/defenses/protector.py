@@ -239,6 +239,8 @@ class _CallState:
     #: rows seen to have ended (an EOS or padding token) by a text check
     ended: list[bool] = field(default_factory=list)
     capture: Any = None
+    #: the text detector's scorer for this call (``HarmClassifier.for_call``)
+    detector: HarmClassifier | None = None
     check_ms: float = 0.0
     n_checks: int = 0
 
@@ -274,10 +276,17 @@ class _TextScorer:
         self.detector, self.owner = detector, owner  # the owner's config is read per call (it may be replaced)
 
     def start(self, ctx: CallContext, stack: contextlib.ExitStack, st: _CallState) -> dict[str, Any] | None:
+        st.detector = self.detector.for_call()
         return None
 
     def step(self, st: _CallState, input_ids: torch.Tensor) -> None:
         pass
+
+    @staticmethod
+    def _predict(st: _CallState, texts: list[str], queries: list[str]) -> list[HarmScore]:
+        if st.detector is None:
+            raise RuntimeError("Protector: the call's detector is set by start(), which did not run")
+        return st.detector.predict(texts, queries)
 
     def partial(self, ctx: CallContext, st: _CallState, cand: list[int], input_ids: torch.Tensor
                 ) -> tuple[list[int], list[HarmScore], list[int]]:
@@ -296,10 +305,10 @@ class _TextScorer:
             rows.append(b)
             starts.append(start)
             texts.append(ctx.engine.decode(ids))
-        return rows, (self.detector.predict(texts, [st.queries[b] for b in rows]) if rows else []), starts
+        return rows, (self._predict(st, texts, [st.queries[b] for b in rows]) if rows else []), starts
 
     def score(self, ctx: CallContext, st: _CallState, rows: list[Row], texts: list[str], own: bool) -> tuple[list[HarmScore], list[str]]:
-        return self.detector.predict(texts, [st.queries[_b(r)] for r in rows]), ["text"] * len(rows)
+        return self._predict(st, texts, [st.queries[_b(r)] for r in rows]), ["text"] * len(rows)
 
 
 class _ProbeScorer:
