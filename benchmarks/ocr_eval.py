@@ -9,6 +9,13 @@ on white, and all three at once).
 
     python benchmarks/ocr_eval.py --engine rapidocr tesseract --limit 100 --hard 40 --out runs/ocr_eval
     python benchmarks/ocr_eval.py --engine tesseract --preprocess deskew,denoise --figstep 0 --hard 40
+    python benchmarks/ocr_eval.py --limit 100 --hard 40 --out runs/ocr_speed \
+        --config "now:engine=rapidocr" --config "det480:engine=rapidocr,Det.limit_side_len=480,threads=1" \
+        --config "tess:engine=tesseract,psm=6"
+
+With ``--config`` (repeatable) each named setting is its own engine, and all of them read image 1,
+then image 2, ... (the order rotating per image), so a busy shared machine slows them alike;
+CPU s is this process's own work (Tesseract's subprocess included), wall s includes waiting.
 
 ``ocr_cases`` returns the per-image OCR text, so the detection evaluation (a classifier on OCR
 text vs. on ground-truth text) reuses exactly these reads.
@@ -22,6 +29,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import textwrap
@@ -135,26 +143,51 @@ def hard_cases(data_dir: Path, n: int, seed: int = 0) -> list[Case]:
     return cases
 
 
+def read_case(engine: OCREngine, c: Case) -> CaseOCR:
+    """Read one case with ``engine``, timed (wall and CPU); a failing image is recorded with its error."""
+    c0, w0 = _cpu(), time.perf_counter()
+    try:
+        r = engine.read(c.image)
+        text, dropped, err = r.text, [(w.text, round(w.confidence, 4)) for w in r.dropped], None
+    except Exception as exc:  # noqa: BLE001 - one bad image must not end a 500-image run
+        text, dropped, err = "", [], f"{type(exc).__name__}: {exc}"
+    ms = (time.perf_counter() - w0) * 1000.0 if err is None else float("nan")
+    cpu_ms = (_cpu() - c0) * 1000.0
+    return CaseOCR(
+        id=c.id, set=c.set, label=c.label, category=c.category, reference=c.reference, ocr_text=text,
+        word_recall=word_recall(c.reference, text), text_recall=word_recall(c.text or c.reference, text), cer=char_error_rate(c.reference, text),
+        latency_ms=ms, cpu_ms=cpu_ms, dropped=dropped, engine=f"{engine.name} {engine.version}", error=err,
+    )
+
+
 def ocr_cases(engine: OCREngine, cases: Sequence[Case], *, progress: bool = False) -> list[CaseOCR]:
     """Read every case once with ``engine``; a failing image is recorded with its error, not skipped."""
     out = []
     for k, c in enumerate(cases):
-        c0 = _cpu()
-        try:
-            r = engine.read(c.image)
-            text, ms, dropped, err = r.text, r.latency_ms, [(w.text, round(w.confidence, 4)) for w in r.dropped], None
-        except Exception as exc:  # noqa: BLE001 - one bad image must not end a 500-image run
-            text, ms, dropped, err = "", float("nan"), [], f"{type(exc).__name__}: {exc}"
-        out.append(
-            CaseOCR(
-                id=c.id, set=c.set, label=c.label, category=c.category, reference=c.reference, ocr_text=text,
-                word_recall=word_recall(c.reference, text), text_recall=word_recall(c.text or c.reference, text), cer=char_error_rate(c.reference, text),
-                latency_ms=ms, cpu_ms=(_cpu() - c0) * 1000.0, dropped=dropped, engine=f"{engine.name} {engine.version}", error=err,
-            )
-        )
+        out.append(read_case(engine, c))
         if progress and (k + 1) % 20 == 0:
             print(f"  {engine.name}: {k + 1}/{len(cases)}", file=sys.stderr, flush=True)
     return out
+
+
+def ocr_cases_interleaved(engines: dict[str, OCREngine], cases: Sequence[Case], *, progress: bool = False) -> dict[str, list[CaseOCR]]:
+    """Every engine reads image 1, then every engine image 2, ...; the engines' order rotates by
+    one per image, so none always goes first (cold caches) or last. On a shared, noisy machine
+    this spreads other jobs' load over all settings alike, unlike one setting's whole run after
+    another's."""
+    names = list(engines)
+    out: dict[str, list[CaseOCR]] = {n: [] for n in names}
+    for k, c in enumerate(cases):
+        for j in range(len(names)):
+            n = names[(k + j) % len(names)]
+            out[n].append(read_case(engines[n], c))
+        if progress and (k + 1) % 20 == 0:
+            print(f"  {k + 1}/{len(cases)} images x {len(names)} settings, load {_load()}", file=sys.stderr, flush=True)
+    return out
+
+
+def _load() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _cpu() -> float:
@@ -162,17 +195,17 @@ def _cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _pct(xs: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of sorted ``xs`` (nan when empty)."""
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
+
+
 def summarize(rows: Sequence[CaseOCR]) -> dict:
-    """Means of recall and CER, share of images read fully (recall 1.0), time median and p95."""
+    """Means of recall and CER, share of images read fully (recall 1.0), wall and CPU time median and p95."""
     times = sorted(r.latency_ms for r in rows if r.error is None)
     cpu = sorted(r.cpu_ms for r in rows if r.error is None)
-
-    def pct(p: float) -> float:
-        if not times:
-            return float("nan")
-        k = min(len(times) - 1, max(0, round(p * (len(times) - 1))))
-        return times[k]
-
     return {
         "n": len(rows),
         "errors": sum(r.error is not None for r in rows),
@@ -181,9 +214,11 @@ def summarize(rows: Sequence[CaseOCR]) -> dict:
         "full_recall_share": sum(r.word_recall >= 1.0 for r in rows) / len(rows),
         "empty_share": sum(not r.ocr_text.strip() for r in rows) / len(rows),
         "cer": statistics.fmean(r.cer for r in rows),
-        "median_ms": pct(0.5),
-        "p95_ms": pct(0.95),
-        "median_cpu_ms": cpu[len(cpu) // 2] if cpu else float("nan"),
+        "median_ms": _pct(times, 0.5),
+        "p95_ms": _pct(times, 0.95),
+        "median_cpu_ms": _pct(cpu, 0.5),
+        "p95_cpu_ms": _pct(cpu, 0.95),
+        "mean_cpu_ms": statistics.fmean(cpu) if cpu else float("nan"),
     }
 
 
@@ -246,6 +281,78 @@ def parse_preprocess(spec: str | None) -> PreprocessConfig | None:
     return PreprocessConfig(**kw)
 
 
+@dataclass
+class RunConfig:
+    """One named setting to measure: an engine, its preprocessing, OCRConfig fields and engine options."""
+
+    name: str
+    engine: str = "rapidocr"
+    preprocess: str = "default"
+    ocr: dict = field(default_factory=dict)  # OCRConfig fields, e.g. tile_above
+    kwargs: dict = field(default_factory=dict)  # engine options, e.g. threads, psm, params
+
+    def build(self) -> OCREngine:
+        return get_engine(self.engine, OCRConfig(preprocess=parse_preprocess(self.preprocess), **self.ocr), **self.kwargs)
+
+    def describe(self) -> str:
+        parts = [self.engine]
+        if self.preprocess != "default":
+            parts.append(f"preprocess={self.preprocess}")
+        parts += [f"{k}={v}" for k, v in self.ocr.items()]
+        for k, v in self.kwargs.items():
+            if k == "params":
+                parts += [f"{pk}={pv}" for pk, pv in v.items()]
+            else:
+                parts.append(f"{k}={v}")
+        return " ".join(parts)
+
+
+_OCR_FIELDS = ("min_confidence", "tile_above", "tile_size", "tile_overlap", "full_pass_with_tiles")
+
+
+def _value(text: str) -> object:
+    """A setting's value: JSON (numbers, true/false, null, lists) where it parses, else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_config(spec: str) -> RunConfig:
+    """``NAME:key=value,key=value``. Keys: ``engine`` (rapidocr | tesseract), ``preprocess`` (as
+    ``--preprocess``, steps joined with ``+``), OCRConfig fields (tile_above, min_confidence, ...),
+    dotted rapidocr settings (``Det.limit_side_len=480``, passed as ``params``), and any other
+    engine option (``threads=1``, ``psm=6``, ``extra_config=--oem 1``, ``use_cls=true``)."""
+    name, sep, body = spec.partition(":")
+    name = name.strip()
+    if not sep or not name:
+        raise ValueError(f"--config {spec!r}: expected NAME:key=value,... (e.g. det480:engine=rapidocr,Det.limit_side_len=480)")
+    cfg = RunConfig(name=name)
+    params: dict = {}
+    for item in (x.strip() for x in re.split(r",(?![^\[]*\])", body) if x.strip()):  # commas inside [...] belong to a list value
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--config {spec!r}: {item!r} is not key=value")
+        raw = raw.strip()
+        if key == "engine":
+            cfg.engine = raw
+        elif key == "preprocess":
+            cfg.preprocess = raw.replace("+", ",")
+            parse_preprocess(cfg.preprocess)  # fail now, not minutes later
+        elif key in _OCR_FIELDS:
+            cfg.ocr[key] = _value(raw)
+        elif "." in key:
+            params[key] = _value(raw)
+        else:
+            cfg.kwargs[key] = raw if key == "extra_config" else _value(raw)
+    if params:
+        if cfg.engine != "rapidocr":
+            raise ValueError(f"--config {spec!r}: dotted settings {sorted(params)} are rapidocr's; this setting's engine is {cfg.engine}")
+        cfg.kwargs["params"] = params
+    return cfg
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [
@@ -256,15 +363,21 @@ def markdown(report: dict) -> str:
         "Packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f", tesseract {env['tesseract']}",
         f"Settings: {json.dumps(report['settings'])}",
         "",
-        f"Load average (1 min) at start / end: {report['load_start']} / {report['load_end']} (other jobs share these CPUs: wall times include waiting; CPU s is this process's own work)",
+        f"Load average (1 min) at start / end: {report['load_start']} / {report['load_end']} (other jobs share these CPUs: wall times include waiting; CPU s is this process's own work)."
+        + (" Settings were interleaved image by image." if report.get("interleaved") else ""),
         "",
-        "| engine | preprocess | set | n | word recall | instruction recall | full-recall share | empty share | CER | median s | p95 s | median CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    configs = report.get("configs") or {}
+    if configs:
+        lines += ["| setting | what |", "|---|---|"] + [f"| {k} | {v} |" for k, v in configs.items()] + [""]
+    lines += [
+        "| setting | engine | preprocess | set | n | word recall | instruction recall | full-recall share | empty share | CER | median s | p95 s | median CPU s | p95 CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
         lines.append(
-            f"| {s['engine']} | {s['preprocess']} | {s['set']} | {s['n']} | {s['word_recall']:.3f} | {s['text_recall']:.3f} | {s['full_recall_share']:.2f} | "
-            f"{s['empty_share']:.2f} | {s['cer']:.3f} | {s['median_ms'] / 1000:.2f} | {s['p95_ms'] / 1000:.2f} | {s['median_cpu_ms'] / 1000:.2f} |"
+            f"| {s.get('config', s['engine'])} | {s['engine']} | {s['preprocess']} | {s['set']} | {s['n']} | {s['word_recall']:.3f} | {s['text_recall']:.3f} | {s['full_recall_share']:.2f} | "
+            f"{s['empty_share']:.2f} | {s['cer']:.3f} | {s['median_ms'] / 1000:.2f} | {s['p95_ms'] / 1000:.2f} | {s['median_cpu_ms'] / 1000:.2f} | {s.get('p95_cpu_ms', float('nan')) / 1000:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -277,15 +390,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", "--figstep", dest="limit", type=int, default=100, help="FigStep images per engine (0 = none; spread over categories)")
     ap.add_argument("--hard", type=int, default=40, help="hard renderings per engine (0 = none)")
     ap.add_argument("--preprocess", nargs="+", default=["default"], help="preprocessing configs to compare: default | none | comma list of deskew,denoise,denoise5,denoise-auto,autocontrast,upscale,binarize")
-    ap.add_argument("--threads", type=int, default=None, help="rapidocr onnxruntime threads (default: onnxruntime's)")
+    ap.add_argument("--threads", type=int, default=None, help="rapidocr onnxruntime threads (default: the engine's)")
+    ap.add_argument(
+        "--config", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+        help="a named setting to measure (repeatable; replaces --engine/--preprocess): e.g. 'det480:engine=rapidocr,Det.limit_side_len=480,threads=1' "
+        "or 'tess6:engine=tesseract,psm=6,extra_config=--oem 1'; settings are read interleaved, image by image",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write OUT.json (per-image rows and summary) and OUT.md")
     args = ap.parse_args(argv)
 
     try:
-        preprocess = {spec: parse_preprocess(spec) for spec in args.preprocess}  # fail before minutes of work
+        for spec in args.preprocess:
+            parse_preprocess(spec)  # fail before minutes of work
+        if args.config:
+            configs = [parse_config(spec) for spec in args.config]
+        else:
+            configs = [
+                RunConfig(name=name if len(args.preprocess) == 1 else f"{name}[{spec}]", engine=name, preprocess=spec,
+                          kwargs={"threads": args.threads} if name == "rapidocr" and args.threads else {})
+                for name in args.engine for spec in args.preprocess
+            ]
     except ValueError as exc:
         ap.error(str(exc))
+    if len({c.name for c in configs}) != len(configs):
+        ap.error("--config names must differ")
     data = shared_data_dir(args.data)
     if data is None or not (data / "figstep_safebench").is_dir():
         ap.error("data folder with figstep_safebench/ not found; pass --data DIR or set GUARDRAILS_DATA")
@@ -297,33 +426,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cases:
         ap.error("nothing to evaluate: --limit and --hard are both 0")
 
-    load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    load_start = _load()
+    engines: dict[str, OCREngine] = {}
+    for c in configs:
+        engine = c.build()
+        engine.read(render_typography("warm up"))  # first call loads models: not a per-image cost
+        engines[c.name] = engine
+    t0 = time.perf_counter()
+    results = ocr_cases_interleaved(engines, cases, progress=True)
+    print(f"{len(cases)} images x {len(engines)} settings in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     rows_all: list[dict] = []
     summary: list[dict] = []
-    for name in args.engine:
-        for spec in args.preprocess:
-            kwargs = {"threads": args.threads} if name == "rapidocr" and args.threads else {}
-            engine = get_engine(name, OCRConfig(preprocess=preprocess[spec]), **kwargs)
-            engine.read(render_typography("warm up"))  # first call loads models: not a per-image cost
-            t0 = time.perf_counter()
-            rows = ocr_cases(engine, cases, progress=True)
-            print(f"{name} [{spec}]: {len(rows)} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-            for r in rows:
-                rows_all.append({**asdict(r), "preprocess": spec})
-            sets = sorted({r.set for r in rows}, key=lambda s: (s != "figstep", s))
-            groups = [(s, [r for r in rows if r.set == s]) for s in sets]
-            hard = [r for r in rows if r.set.startswith("hard:")]
-            if hard:
-                groups.append(("hard:all", hard))
-            for s, rs in groups:
-                summary.append({"engine": f"{engine.name} {engine.version}", "preprocess": spec, "set": s, **summarize(rs)})
+    for c in configs:
+        rows = results[c.name]
+        engine = engines[c.name]
+        for r in rows:
+            rows_all.append({**asdict(r), "preprocess": c.preprocess, "config": c.name})
+        sets = sorted({r.set for r in rows}, key=lambda s: (s != "figstep", s))
+        groups = [(s, [r for r in rows if r.set == s]) for s in sets]
+        hard = [r for r in rows if r.set.startswith("hard:")]
+        if hard:
+            groups.append(("hard:all", hard))
+        for s, rs in groups:
+            summary.append({"config": c.name, "engine": f"{engine.name} {engine.version}", "preprocess": c.preprocess, "set": s, **summarize(rs)})
+    order = {s: i for i, s in enumerate(["figstep", "hard:all"])}
+    summary.sort(key=lambda s: (order.get(s["set"], 2), s["set"]))  # one block per image set: settings side by side
 
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(["ocr_eval.py", *argv]),
         "environment": environment(),
         "settings": {"limit": args.limit, "hard": args.hard, "seed": args.seed, "threads": args.threads, "preprocess": args.preprocess},
+        "configs": {c.name: c.describe() for c in configs},
+        "interleaved": True,
         "load_start": load_start,
-        "load_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "load_end": _load(),
         "summary": summary,
         "rows": rows_all,
     }
