@@ -112,6 +112,39 @@ def test_gate_mode_uses_the_models_own_direction(tiny, engine):
     assert s != s2
 
 
+def test_overlap_gate_is_not_touched_by_the_calls_own_hooks(tiny, engine, monkeypatch):
+    """With overlap, the gate's forward runs during generation: a during-stage hook of the call (as
+    steering installs) must not act on it, so its score equals the score outside any call."""
+    import time
+
+    from guardrails.defense import Defense
+    from steering import Gate, find_decoder_layers
+
+    t = tiny("llava")
+    hidden = t.model.config.text_config.hidden_size
+    screen = OCRScreen("gate", gate=Gate.from_vector(torch.ones(hidden), layer=1, bias=0.0), engine=engine, overlap=True)
+    monkeypatch.setattr(OCRScreen, "read", lambda self, images: ("bread", {"images": 1, "engine": "stub", "ocr_ms": 0.0}))
+    shifted = []
+
+    class Shift(Defense):
+        """Adds 100 to the first decoder layer's output in this call's forwards, and paces generation."""
+
+        def _during(self, ctx, stack):
+            def hook(module, args, out):
+                shifted.append(out.shape[0])
+                time.sleep(0.005)  # the stubbed read is done long before the first step ends
+                return out + 100.0 if isinstance(out, torch.Tensor) else (out[0] + 100.0, *out[1:])
+
+            h = find_decoder_layers(ctx.engine.model).layers[0].register_forward_hook(ctx.calls.scoped(hook))
+            stack.callback(h.remove)
+
+    g = wrap(t.model, t.processor, defenses=[screen, Shift()])
+    r = g.chat(conv(image(BENIGN)), max_new_tokens=8, do_sample=False)
+    v = r.verdicts_of("OCRScreen")[-1]
+    want = screen.score(["bread"], [""], g.engine)[0][0]
+    assert shifted and v.stage == "during" and v.score == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
 def test_overlap_stops_flagged_rows_and_holds_their_stream(tiny, engine):
     t = tiny("llava")
     convs = [conv(image(HARMFUL)), conv(image(BENIGN))]

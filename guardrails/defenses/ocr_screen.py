@@ -225,7 +225,9 @@ class OCRScreen(Defense):
             raise ValueError(f"{self.name} mode='gate' scores with the wrapped model; pass the GuardedModel")
         convs = [[{"role": "user", "content": [{"type": "text", "text": t}]}] for t in joined]
         inputs = calls.engine.encode(convs)
-        with calls.using():
+        # A scope of its own, not the call's: with overlap=True this runs during generation, where the
+        # call's hooks (steering, a probe's capture) would otherwise act on this forward too.
+        with ModelCalls(calls.engine).using():
             gate_scores, g = compute_gate(calls.model, self.gate, inputs)
         return [(float(s), bool(x > 0)) for s, x in zip(gate_scores.tolist(), g.tolist())]
 
