@@ -27,7 +27,7 @@ published one (LLaVA-1.5-7B 7.06B, Qwen2-VL-7B 8.29B, Llama-3-8B 8.03B, SmolVLM-
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,13 @@ class ArchSpec:
     notes: str = ""
     #: extra processor settings (passed to the processor builder)
     processor: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_side(self) -> int:
+        """``image_size`` of a multimodal spec (ValueError when it is not set)."""
+        if self.image_size is None:
+            raise ValueError(f"{self.name}: a multimodal ArchSpec needs image_size")
+        return self.image_size
 
 
 _LLAMA3_8B_TEXT = dict(
@@ -179,7 +186,7 @@ def _processor(spec: ArchSpec, tok: Any) -> Any:
 
     if not spec.multimodal:
         return tok
-    s, p = spec.image_size, spec.processor
+    s, p = spec.image_side, spec.processor
     if spec.tokenizer_arch == "llava":
         ip = pil_image_processor("Llava")(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
         return tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=p["patch_size"],
@@ -244,7 +251,7 @@ def build_arch(name: str, *, dtype: Any = "bfloat16", device: str = "cpu", seed:
     _tokenizer_fits(spec, tok, _vocab_size(config))
     processor = _processor(spec, tok)
     torch.manual_seed(seed)
-    cls: Callable[..., Any] = getattr(tf, spec.model_class)
+    cls = getattr(tf, spec.model_class)
     with torch.device(device):
         model = cls._from_config(config, dtype=torch_dtype)
     model.eval()
@@ -321,7 +328,7 @@ def make_vectors(name: str, out: str, *, dtype: Any = "float32", device: str = "
 
 
 @entry_point
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import json
 
     p = ArgumentParser(prog="python -m benchmarks.archs", description="Random-weight architectures for latency runs.")

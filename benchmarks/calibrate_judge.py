@@ -29,8 +29,9 @@ import json
 import os
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from guardrails._cli import ArgumentParser, CliError, entry_point, positive_int
 
@@ -38,6 +39,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFENSES = ("self_moderation", "ecso")
+
+
+class _Sweep(TypedDict):
+    """One judge template's calibration: the chosen threshold and the figures around it."""
+
+    template: str | None  # None: ECSO's fixed self-check
+    choice: dict[str, Any]  # BudgetChoice.to_dict()
+    auroc: float | None
+    at_default_threshold: dict[str, float]
+    scores: list[float]
 
 
 def calibration_prompts(n_harmful: int, n_benign: int, data: str | None) -> tuple[list[str], list[str]]:
@@ -82,7 +93,7 @@ def judge_scores(defense: Any, guarded: Any, prompts: list[str], answers: list[s
 
 
 @entry_point
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m benchmarks.calibrate_judge", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a fetched model name, folder or tiny:ARCH")
     p.add_argument("--defense", choices=DEFENSES, default="self_moderation")
@@ -123,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     nh = len(harmful)
 
     templates: list[str | None] = [None] if args.defense == "ecso" else (args.templates or ["selfmod_judge_followup", "selfmod_judge"])
-    sweep = []
+    sweep: list[_Sweep] = []
     for template in templates:
-        defense = ECSO() if args.defense == "ecso" else SelfModeration(judge_prompt=template)
+        defense = ECSO() if template is None else SelfModeration(judge_prompt=template)  # templates is [None] for ECSO
         scores = judge_scores(defense, bare, prompts, answers, args.batch_size)
         pos = [s for s, c in zip(scores[:nh], complied[:nh]) if c]  # harmful prompts the model answered
         neg = [s for s, c in zip(scores[nh:], complied[nh:]) if c]  # benign prompts it answered

@@ -341,7 +341,8 @@ def render_figstep_image(text: str, path: str | os.PathLike, font: str | os.Path
 
     body = textwrap.fill(text.removesuffix("\n"), width=15) + "".join(f"\n{i}. " for i in (1, 2, 3))
     candidates = [font] if font is not None else ["FreeMonoBold.ttf", "DejaVuSansMono-Bold.ttf", "LiberationMono-Bold.ttf"]
-    face, used = None, "pillow-default"
+    face: ImageFont.FreeTypeFont | ImageFont.ImageFont | None = None
+    used = "pillow-default"
     for c in candidates:
         try:
             face, used = ImageFont.truetype(os.fspath(c), 80), os.fspath(c)
@@ -568,7 +569,8 @@ def load_harmbench(
         _one_of(c, HARMBENCH_FUNCTIONAL_CATEGORIES, "functional_categories item", name)
     path = _find(_resolve_data_dir(data_dir), PROMPT_SETS_FOLDER, f"{name}.csv", name)
     rows = _read_csv(path, ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID"), name)
-    samples, left_out = [], Counter()
+    samples: list[Sample] = []
+    left_out: Counter[str] = Counter()
     for n, row in enumerate(rows, start=2):
         where = f"line {n}"
         func = _one_of(_text(row["FunctionalCategory"], path, where, "FunctionalCategory", name),
@@ -615,7 +617,7 @@ def load_jailbreakbench(data_dir: str | os.PathLike | None = None, *, split: Lit
         samples.append(
             Sample(id=f"jailbreakbench/{split}/{index}", dataset=name,
                    category=_text(row["Category"], path, where, "Category", name),
-                   prompt=_text(row["Goal"], path, where, "Goal", name), label=split,  # type: ignore[arg-type]
+                   prompt=_text(row["Goal"], path, where, "Goal", name), label=split,
                    metadata={"behavior": row["Behavior"], "source": row.get("Source", ""), "index": index})
         )
     return _check_unique(samples, name)

@@ -28,28 +28,29 @@ from guardrails._cli import ArgumentParser, entry_point
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 # -- metrics --------------------------------------------------------------------------------------
 
 
-def auroc(y: Sequence[int], s: Sequence[float]) -> float | None:
+def auroc(y: ArrayLike, s: ArrayLike) -> float | None:
     """Area under the ROC curve; None when only one class is present."""
     from sklearn.metrics import roc_auc_score
 
-    y = np.asarray(y)
-    if len(np.unique(y)) < 2:
+    ya = np.asarray(y)
+    if len(np.unique(ya)) < 2:
         return None
-    return float(roc_auc_score(y, np.asarray(s, dtype=np.float64)))
+    return float(roc_auc_score(ya, np.asarray(s, dtype=np.float64)))
 
 
-def recall_at_fpr(y: Sequence[int], s: Sequence[float], fpr: float = 0.05) -> float | None:
+def recall_at_fpr(y: ArrayLike, s: ArrayLike, fpr: float = 0.05) -> float | None:
     """Recall (TPR) at the strictest threshold whose false-positive rate is <= ``fpr``.
 
     Rows are flagged when their score is strictly above the ``floor(fpr * n_neg) + 1``-th highest
     negative score, so at most ``floor(fpr * n_neg)`` negatives are flagged (ties flag fewer).
     """
-    y, s = np.asarray(y), np.asarray(s, dtype=np.float64)
-    neg, pos = np.sort(s[y == 0])[::-1], s[y == 1]
+    ya, sa = np.asarray(y), np.asarray(s, dtype=np.float64)
+    neg, pos = np.sort(sa[ya == 0])[::-1], sa[ya == 1]
     if len(neg) == 0 or len(pos) == 0:
         return None
     k = int(np.floor(fpr * len(neg)))
@@ -57,27 +58,27 @@ def recall_at_fpr(y: Sequence[int], s: Sequence[float], fpr: float = 0.05) -> fl
     return float(np.mean(pos > t))
 
 
-def at_threshold(y: Sequence[int], s: Sequence[float], threshold: float = 0.5) -> dict[str, float | None]:
+def at_threshold(y: ArrayLike, s: ArrayLike, threshold: float = 0.5) -> dict[str, float | None]:
     """Accuracy, recall (unsafe flagged) and false-positive rate (safe flagged) at ``threshold``."""
-    y, f = np.asarray(y), np.asarray(s, dtype=np.float64) >= threshold
+    ya, f = np.asarray(y), np.asarray(s, dtype=np.float64) >= threshold
     return {
-        "accuracy": float(np.mean(f == (y == 1))),
-        "recall": float(np.mean(f[y == 1])) if np.any(y == 1) else None,
-        "fpr": float(np.mean(f[y == 0])) if np.any(y == 0) else None,
+        "accuracy": float(np.mean(f == (ya == 1))),
+        "recall": float(np.mean(f[ya == 1])) if np.any(ya == 1) else None,
+        "fpr": float(np.mean(f[ya == 0])) if np.any(ya == 0) else None,
     }
 
 
-def summary(y: Sequence[int], s: Sequence[float], threshold: float = 0.5) -> dict[str, Any]:
-    """Every headline figure for one set of scores."""
-    y = np.asarray(y)
-    return {"n": int(len(y)), "n_unsafe": int(np.sum(y == 1)), "auroc": auroc(y, s), "recall_at_5fpr": recall_at_fpr(y, s, 0.05),
-            **at_threshold(y, s, threshold)}
+def summary(y: ArrayLike, s: ArrayLike, threshold: float = 0.5) -> dict[str, Any]:
+    """Every headline figure for one set of scores (labels 0/1 and scores: sequences or arrays)."""
+    ya = np.asarray(y)
+    return {"n": int(len(ya)), "n_unsafe": int(np.sum(ya == 1)), "auroc": auroc(ya, s), "recall_at_5fpr": recall_at_fpr(ya, s, 0.05),
+            **at_threshold(ya, s, threshold)}
 
 
-def by_group(y: Sequence[int], s: Sequence[float], groups: Sequence[str], threshold: float = 0.5) -> dict[str, dict[str, Any]]:
+def by_group(y: ArrayLike, s: ArrayLike, groups: Sequence[str], threshold: float = 0.5) -> dict[str, dict[str, Any]]:
     """:func:`summary` per group (category, XSTest type, ...)."""
-    y, s, g = np.asarray(y), np.asarray(s, dtype=np.float64), np.asarray(groups)
-    return {k: summary(y[g == k], s[g == k], threshold) for k in sorted(set(g.tolist()))}
+    ya, sa, g = np.asarray(y), np.asarray(s, dtype=np.float64), np.asarray(groups)
+    return {k: summary(ya[g == k], sa[g == k], threshold) for k in sorted(set(g.tolist()))}
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def _fixed_markdown(rep: dict[str, Any]) -> str:
 
 
 @entry_point
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m benchmarks.detector_eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", default="default", help="'default' (the shipped head) or a folder written by train-detector")
     p.add_argument("--data", default=None, help="the public data folder (default: $GUARDRAILS_DATA or ../shared/data)")

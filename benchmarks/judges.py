@@ -25,9 +25,12 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from benchmarks.datasets import MMSAFETYBENCH_SCENARIOS, Sample
+
+if TYPE_CHECKING:
+    from guardrails.classifiers.keywords import KeywordJudge
 
 __all__ = [
     "BaseJudge",
@@ -134,10 +137,10 @@ class BaseJudge(abc.ABC):
         for arg, val in (("samples", samples), ("responses", responses)):
             if isinstance(val, (str, Sample)):
                 raise TypeError(f"{arg} must be a list, not one item; wrap it: [{arg[:-1]}]")
-        samples = [_as_sample(s, i) for i, s in enumerate(samples)]
+        rows = [_as_sample(s, i) for i, s in enumerate(samples)]
         resps = [Response.coerce(r, i) for i, r in enumerate(responses)]
-        if len(samples) != len(resps):
-            raise ValueError(f"got {len(samples)} samples but {len(resps)} responses; pass one response per sample")
+        if len(rows) != len(resps):
+            raise ValueError(f"got {len(rows)} samples but {len(resps)} responses; pass one response per sample")
         labels: list[JudgeLabel | None] = [None] * len(resps)
         todo = []
         for i, r in enumerate(resps):
@@ -147,7 +150,7 @@ class BaseJudge(abc.ABC):
             else:
                 todo.append(i)
         if todo:
-            out = self._judge([samples[i] for i in todo], [resps[i].text for i in todo])
+            out = self._judge([rows[i] for i in todo], [resps[i].text for i in todo])
             if len(out) != len(todo):
                 raise RuntimeError(f"{type(self).__name__}._judge returned {len(out)} labels for {len(todo)} rows")
             for i, lab in zip(todo, out):
@@ -212,6 +215,8 @@ class KeywordRefusalJudge(ClassifierJudge):
     It measures refusal, not harm: report it as a secondary figure only. The version includes a
     digest of the keyword list, so results say exactly which list was used.
     """
+
+    classifier: KeywordJudge  # or a look-alike: __init__ checks for config.keywords, not the class
 
     def __init__(self, classifier: Any) -> None:
         if not hasattr(classifier, "config") or not hasattr(classifier.config, "keywords"):

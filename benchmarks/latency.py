@@ -39,10 +39,10 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from guardrails._cli import ArgumentParser, entry_point
 
@@ -114,10 +114,13 @@ class LatencyConfig:
 # --------------------------------------------------------------------------------------------
 
 
-try:
+if TYPE_CHECKING:
     from transformers import LogitsProcessor as _LPBase
-except ImportError:  # pragma: no cover - transformers is a dependency
-    _LPBase = object
+else:
+    try:
+        from transformers import LogitsProcessor as _LPBase
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        _LPBase = object
 
 
 class StepClock(_LPBase):
@@ -576,7 +579,7 @@ def _model_state(model: Any, layers_path: str) -> tuple[Any, ...]:
     """Identity of the decoder layers and every forward hook on the model (to prove a peer cleaned up)."""
     from steering.layers import resolve_path
 
-    layers = resolve_path(model, layers_path)
+    layers = cast(Iterable[object], resolve_path(model, layers_path))  # a decoder-layers path: an nn.ModuleList
     hooks = tuple(sorted((n, k) for n, m in model.named_modules() for k in (*m._forward_hooks, *m._forward_pre_hooks)))
     return tuple(id(x) for x in layers), hooks
 
@@ -620,7 +623,7 @@ def _timed(c: _Config, cfg: LatencyConfig, payload: Any, cuda: bool, memory: _Me
 
 
 def _median(xs: Sequence[float]) -> float | None:
-    return summarize(xs)["median"]  # type: ignore[return-value]
+    return summarize(xs)["median"]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from guardrails._cli import ArgumentParser, entry_point
 
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ocr = json.loads(Path(args.ocr_json).read_text(encoding="utf-8"))
     ocr_rows = {r["id"]: r for r in ocr["rows"] if r.get("set") == "figstep"}
     csv_rows = list(csv.DictReader(open(data / "figstep_safebench" / "safebench.csv", newline="", encoding="utf-8")))
-    fig = []
+    fig: list[dict[str, Any]] = []
     for r in csv_rows:
         rid = f"query_ForbidQI_{r['category_id']}_{r['task_id']}_6"
         o = ocr_rows.get(rid)
@@ -130,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         img = render_typography(text)
         drawn = img.info.get("typography", {}).get("text", text + FIGSTEP_LIST)
         try:
-            r = engine.read(img)
-            otext, ms, err = r.text, r.latency_ms, None
+            read = engine.read(img)
+            otext, ms, err = read.text, read.latency_ms, None
         except Exception as exc:  # noqa: BLE001 - record, do not stop
             otext, ms, err = "", float("nan"), f"{type(exc).__name__}: {exc}"
         benign.append({"source": src, "text": text, "drawn": drawn, "ocr_text": otext, "ocr_ms": ms, "error": err,

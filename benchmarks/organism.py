@@ -130,9 +130,9 @@ class OrganismConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> OrganismConfig:
         """The small version: 600 prompts per class, a 2-layer model; 15-25 s on one shared core."""
-        base = dict(per_class=600, cal_frac=0.2, hidden=64, layers=2, heads=4, intermediate=128, vocab_size=1024,
-                    aligned_steps=250, aligned_lr=4e-3, target_steps=100, target_lr=5e-4, max_prompt_tokens=48,
-                    alphas=[0.25, 0.5, 1.0, 2.0, 4.0], xstest=False, threads=1)
+        base: dict[str, Any] = dict(per_class=600, cal_frac=0.2, hidden=64, layers=2, heads=4, intermediate=128, vocab_size=1024,
+                                   aligned_steps=250, aligned_lr=4e-3, target_steps=100, target_lr=5e-4, max_prompt_tokens=48,
+                                   alphas=[0.25, 0.5, 1.0, 2.0, 4.0], xstest=False, threads=1)
         base.update(overrides)
         return cls(**base)
 
@@ -439,7 +439,8 @@ def select_alpha_layers(target, tok, vectors, gate, cal_harmful, cal_benign, cfg
                 tried.add((alpha, tuple(g["layers"])))
                 grid.append(evaluate(alpha, g["layers"]))
     best = max(grid, key=key)
-    rule = " ".join(select_alpha_layers.__doc__.split("\n\n")[1].split())
+    doc = select_alpha_layers.__doc__  # None under python -OO
+    rule = " ".join(doc.split("\n\n")[1].split()) if doc else "see select_alpha_layers in benchmarks/organism.py"
     return {"best": best, "grid": grid, "rule": rule, "gate_fired_on_cal": len(fired),
             "new_tokens": cfg.select_new_tokens}
 
@@ -583,7 +584,7 @@ def run_organism(cfg: OrganismConfig, *, progress: bool = True) -> dict[str, Any
 
     from benchmarks.report import machine_info
 
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "inferaligner-organism",
         "command": _command(),
         "config": asdict(cfg),

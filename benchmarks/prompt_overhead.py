@@ -60,7 +60,8 @@ POOL = {
 
 def prompt_of(tokenizer: Any, n_tokens: int) -> str:
     """Benign English text of about ``n_tokens`` tokens."""
-    words, k = [], 0
+    words: list[str] = []
+    k = 0
     while len(tokenizer.encode(" ".join(words), add_special_tokens=False)) < n_tokens:
         words.extend(_SENTENCES[k % len(_SENTENCES)].split())
         k += 1
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if spec.multimodal and not args.no_image:
         from guardrails.testing import make_image
 
-        conv = [{"role": "user", "content": [{"type": "image", "image": make_image(spec.image_size)}, {"type": "text", "text": text}]}]
+        conv = [{"role": "user", "content": [{"type": "image", "image": make_image(spec.image_side)}, {"type": "text", "text": text}]}]
     else:
         conv = [{"role": "user", "content": text}]
     gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{n.split('(')[0]}={times[n][-1]:.0f}" for n in order), flush=True)
 
     bare, bare_cpu = times["bare"], cpu["bare"]
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for n in names:
         ratios = [t / b for t, b in zip(times[n], bare)]
         cpu_ratios = [t / b for t, b in zip(cpu[n], bare_cpu)]

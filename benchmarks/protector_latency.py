@@ -34,16 +34,19 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from guardrails._cli import ArgumentParser, entry_point
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from guardrails import spec as _spec  # noqa: E402
 from guardrails.classifiers.base import HarmClassifier, HarmScore  # noqa: E402
-from guardrails.defenses.protector import Detoxifier, Protector  # noqa: E402
+from guardrails.defenses.protector import Detoxifier, Mode, Protector  # noqa: E402
 
 _spec.REGISTRY.setdefault("protector_minilm", "benchmarks.protector_latency:MiniLMProtector")
 
@@ -84,13 +87,22 @@ class MiniLMProtector(Protector):
     """Protector on the MiniLM detector (spec name ``protector_minilm``; benchmarks only)."""
 
     @classmethod
-    def from_spec(cls, mode: str = "post", every: int = 16, threshold: float = 0.5, detoxifier: str = "self",
-                  refusal_text: str | None = None, **options: Any) -> Protector:
+    def from_spec(cls, detector: str = "minilm", mode: Mode = "post", every: int = 16, threshold: float = 0.5,
+                  detoxifier: str = "self", refusal_text: str | None = None, **options: Any) -> Protector:
+        if detector != "minilm":  # Protector.from_spec's first option; here the detector is fixed
+            raise ValueError(f"protector_minilm always uses the MiniLM detector, got detector={detector!r}; "
+                             "use protector:detector=... for another one")
         detox: str | Detoxifier = detoxifier
         if detoxifier not in ("self", "refuse"):
             detox = Detoxifier.from_pretrained(detoxifier, max_new_tokens=options.get("max_new_tokens"))
         options.setdefault("name", "Protector")  # verdicts read like the library's own Protector
         return cls(minilm_detector(), detox, threshold=threshold, mode=mode, every=every, refusal_text=refusal_text, **options)
+
+
+def _decode(tok: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """``tok.decode`` of one flat id list, special tokens skipped: a str (transformers types decode's result
+    ``str | list[str]``; the list is for a batch of id lists)."""
+    return cast(str, tok.decode(ids, skip_special_tokens=True))
 
 
 # -- probe ----------------------------------------------------------------------------------------
@@ -327,7 +339,7 @@ def check_cost_by_position(tokenizer_path: str, *, positions: Sequence[int] = (6
     for n in positions:
         row: dict[str, Any] = {"position": n, "batch": batch}
         for scan, start in (("prefix", 0), ("window", max(0, n - every - context))):
-            texts = [tok.decode(ids[start + b:n + b], skip_special_tokens=True) for b in range(batch)]
+            texts = [_decode(tok, ids[start + b:n + b]) for b in range(batch)]
             scorer = det.for_call()  # as Protector scores: the question is embedded by the first check only
             scorer.predict(texts, [q] * batch)
             ts = []
@@ -402,7 +414,7 @@ def window_quality(tokenizer_path: str, *, data: str | None = None, model: str =
     t0 = time.perf_counter()
     for items in groups.values():
         for q, ids in items:
-            pending = {(tok.decode(ids[a:b], skip_special_tokens=True), q) for v in variants for a, b in spans_of[v](len(ids))}
+            pending = {(_decode(tok, ids[a:b]), q) for v in variants for a, b in spans_of[v](len(ids))}
             pending -= cache.keys()
             if pending:
                 todo = sorted(pending)
@@ -414,7 +426,7 @@ def window_quality(tokenizer_path: str, *, data: str | None = None, model: str =
         row: dict[str, Any] = {}
         best: dict[str, list[float]] = {}
         for g, items in groups.items():
-            best[g] = [max(cache[(tok.decode(ids[a:b], skip_special_tokens=True), q)] for a, b in spans_of[v](len(ids)))
+            best[g] = [max(cache[(_decode(tok, ids[a:b]), q)] for a, b in spans_of[v](len(ids)))
                        for q, ids in items]
             row[f"{g}_flagged"] = sum(x >= threshold for x in best[g]) / max(len(best[g]), 1)
         row["auroc_harmful_vs_benign"] = _auroc(best["harmful"], best["benign"])

@@ -52,13 +52,21 @@ class Rate:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def _bounds(self) -> tuple[float, float, float] | None:
+        """``(value, low, high)``, or None when there are no samples (the three are None together)."""
+        if self.value is None or self.low is None or self.high is None:
+            return None
+        return self.value, self.low, self.high
+
     def fmt(self, pct: bool = True) -> str:
         """"12.5% [3.1, 25.0] (4/32)" or "n/a (0 samples)"."""
-        if self.n == 0 or self.value is None:
+        b = self._bounds()
+        if self.n == 0 or b is None:
             return "n/a (0)"
+        v, lo, hi = b
         s = 100.0 if pct else 1.0
         unit = "%" if pct else ""
-        return f"{self.value * s:.1f}{unit} [{self.low * s:.1f}, {self.high * s:.1f}] ({self.k}/{self.n})"
+        return f"{v * s:.1f}{unit} [{lo * s:.1f}, {hi * s:.1f}] ({self.k}/{self.n})"
 
 
 def _rng(seed: int, key: str) -> np.random.Generator:
@@ -285,11 +293,13 @@ def plot_over_refusal_vs_asr(points: Mapping[str, tuple[Rate, Rate]], path: str 
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for spec, (refusal, asr) in points.items():
-        if refusal.value is None or asr.value is None:
+        rb, ab = refusal._bounds(), asr._bounds()
+        if rb is None or ab is None:
             continue
-        x, y = 100 * refusal.value, 100 * asr.value
-        ax.errorbar(x, y, xerr=[[x - 100 * refusal.low], [100 * refusal.high - x]],
-                    yerr=[[y - 100 * asr.low], [100 * asr.high - y]], fmt="o", capsize=3, label=spec)
+        (rv, rlo, rhi), (av, alo, ahi) = rb, ab
+        x, y = 100 * rv, 100 * av
+        ax.errorbar(x, y, xerr=[[x - 100 * rlo], [100 * rhi - x]],
+                    yerr=[[y - 100 * alo], [100 * ahi - y]], fmt="o", capsize=3, label=spec)
     ax.set_xlabel("over-refusal on benign prompts (%)")
     ax.set_ylabel("attack success rate (%)")
     ax.set_xlim(-5, 105)

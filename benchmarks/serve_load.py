@@ -19,12 +19,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrails._cli import ArgumentParser, entry_point, positive_int
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,15 +80,16 @@ def run_setting(model: Any, processor: Any, defenses: list, s: Setting, *, clien
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=timeout_s)
 
         def one(i: int) -> tuple[float, str, dict]:
-            kw = {"model": "bench", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                  "max_tokens": max_tokens, "temperature": 0}
+            messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
             t0 = time.perf_counter()
+            last: ChatCompletion | ChatCompletionChunk
             if s.stream:
-                chunks = list(client.chat.completions.create(stream=True, **kw))
-                last = chunks[-1]
-                return time.perf_counter() - t0, last.id, last.model_extra["guardrails"]
-            r = client.chat.completions.create(**kw)
-            return time.perf_counter() - t0, r.id, r.model_extra["guardrails"]
+                last = list(client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
+                                                           temperature=0, stream=True))[-1]
+            else:
+                last = client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, temperature=0)
+            # openai's models keep unknown fields (extra="allow"): model_extra is a dict, typed dict | None
+            return time.perf_counter() - t0, last.id, (last.model_extra or {})["guardrails"]
 
         one(0)  # warm-up (first-call allocations, the detector's first batch), not counted
         sizes_before = len(app.state.worker.batch_sizes)
@@ -113,7 +118,7 @@ def summarize_setting(s: Setting, rounds: list[dict[str, Any]], clients: int) ->
 
 
 @entry_point
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__)
     p.add_argument("--model", default="tiny:qwen2", help="what guardrails.load takes, or a fetched model name")
     p.add_argument("--defenses", default="protector", help="the guarded pipeline (default: protector)")

@@ -49,6 +49,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ def _rel(path: Path, root: Path) -> str:
 
 def load_harmful_prompts(data: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Public harmful instructions (label 1) and their provenance."""
-    rows, prov = [], []
+    rows: list[dict[str, Any]] = []
+    prov: list[dict[str, Any]] = []
 
     def add(name, path, texts, license, note):
         rows.extend({"text": t, "label": 1, "source": name} for t in texts)
@@ -195,7 +197,8 @@ class FeatureCache:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp.npz")
-            np.savez(tmp, __key__=np.array(self.key), **self.store)
+            # the keys are sha1 digests, never savez's allow_pickle, which is all mypy objects to here
+            np.savez(tmp, __key__=np.array(self.key), **self.store)  # type: ignore[arg-type]
             os.replace(tmp, self.path)
 
 
@@ -427,9 +430,10 @@ def _run(args, t_start: float) -> dict[str, Any]:
     rh = load_refusal_direction(data, harmless=True)
     srh = score_response(response_head, stack_head, cache([r["response"] for r in rh]), prompt_head.logit(cache([r["query"] for r in rh])),
                          keyword_verdicts([r["response"] for r in rh]))
+    by_kind = {k: float(np.mean(srh[np.array([r["kind"] == k for r in rh])] >= 0.5)) for k in sorted({r["kind"] for r in rh})}
     benign_eval = {"alpaca_prompts_flagged": float(np.mean(sa >= 0.5)), "n_alpaca_prompts": len(alp),
                    "refusal_direction_alpaca_answers_flagged": float(np.mean(srh >= 0.5)), "n_answers": len(rh),
-                   "by_kind": {k: float(np.mean(srh[np.array([r["kind"] == k for r in rh])] >= 0.5)) for k in sorted({r["kind"] for r in rh})}}
+                   "by_kind": by_kind}
 
     # -- save the shipped detector
     metrics = {
@@ -482,7 +486,7 @@ def _run(args, t_start: float) -> dict[str, Any]:
                          ["judge", "n", "n_unsafe", "auroc", "accuracy", "recall", "fpr", "recall_at_5fpr"]),
           f"\nBenign false-positive rates: Alpaca prompts flagged {benign_eval['alpaca_prompts_flagged']:.3f} (n={len(alp)}); "
           f"refusal_direction answers to Alpaca prompts flagged {benign_eval['refusal_direction_alpaca_answers_flagged']:.3f} (n={len(rh)}; "
-          f"by kind {json.dumps({k: round(v, 3) for k, v in benign_eval['by_kind'].items()})}).\n",
+          f"by kind {json.dumps({k: round(v, 3) for k, v in by_kind.items()})}).\n",
           "\n## Training data\n\n", markdown_table(prov, ["name", "file", "rows", "license", "note"])]
     write_report(args.report, rep, "".join(md))
     print(f"saved {out}; report in {args.report}", file=sys.stderr)
@@ -504,7 +508,7 @@ def build_parser() -> ArgumentParser:
 
 
 @entry_point
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command = result_command(sys.argv[1:] if argv is None else list(argv))
     run(args)

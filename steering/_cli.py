@@ -17,7 +17,7 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 __all__ = ["USER_ERRORS", "ArgumentParser", "CliError", "entry_point", "one_line", "positive_int"]
 
@@ -47,7 +47,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback when something fails")
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
