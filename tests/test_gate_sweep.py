@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,20 @@ def test_command_on_the_shared_data(tmp_path, data_dir, capsys):
     assert rec["dropped_near_duplicates"]["strongreject"] > 0 and "logistic:all:0.05" in (out / "gate_sweep.md").read_text()
     assert gate_sweep.main([*argv, "--rows", "logistic:all"]) == 2
     assert "METHOD:DATA:BUDGET" in capsys.readouterr().err
+
+
+def test_prompt_probe_compare_measures_each_detector_at_its_own_cut():
+    from benchmarks.prompt_probe import COMPARISONS, compare, table
+
+    rng = np.random.default_rng(0)
+    names = {n for h, b, _ in COMPARISONS for n in (h, b)}
+    probe = {n: rng.normal(size=40) + (3.0 if n in {h for h, _, _ in COMPARISONS} else 0.0) for n in names}
+    det = {n: np.full(40, 0.9 if n == "XSTest unsafe" else 0.2) for n in names}
+    rows = compare({"probe": probe, "shipped detector": det}, {"probe": 0.0, "shipped detector": 0.5})
+    assert len(rows) == 2 * len(COMPARISONS)
+    xs = {r["detector"]: r for r in rows if r["harmful"] == "XSTest unsafe"}
+    assert xs["shipped detector"]["recall"] == 1.0 and xs["shipped detector"]["fpr"] == 0.0 and xs["shipped detector"]["auroc"] == 1.0
+    assert xs["probe"]["recall"] == float(np.mean(probe["XSTest unsafe"] >= 0)) and xs["probe"]["fpr"] == float(np.mean(probe["XSTest safe"] >= 0))
+    jbb = next(r for r in rows if r["harmful"] == "JailbreakBench" and r["detector"] == "shipped detector")
+    assert jbb["trained_on_harmful_set"] and jbb["recall"] == 0.0 and "(trained on the harmful set)" in table(rows)
+    assert not any(r["trained_on_harmful_set"] for r in rows if r["detector"] == "probe")
