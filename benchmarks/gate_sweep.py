@@ -103,6 +103,54 @@ def activations(load: Callable[[], tuple[Any, Any]], sets: Mapping[str, Sequence
     return out
 
 
+def join(acts: Mapping[str, Any], *names: str) -> Any:
+    """The activations of several prompt sets, in order, as one ``steering.Activations``."""
+    from steering import Activations
+
+    return Activations(layer_indices=acts[names[0]].layer_indices, values=torch.cat([acts[n].values for n in names]))
+
+
+def add_model_arguments(p: ArgumentParser) -> None:
+    """The options of a command that reads a model's activations through :func:`model_activations`."""
+    p.add_argument("--model", required=True, help="a fetched model name or a model folder (what guardrails.load takes)")
+    p.add_argument("--data", help="the shared data folder (default: ../shared/data or $GUARDRAILS_DATA)")
+    p.add_argument("--layers", default="0-8", help="decoder layers to extract, e.g. 0-8 or 2,4,6 (0-8: the gates' layers, "
+                   "known before a steered layer)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, help="torch threads")
+
+
+def training_sets(data: str | None) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """``benchmarks.inferaligner_data.splits()`` without its ``gate_*`` lists (extraction + calibration,
+    which :func:`join` rebuilds from their activations)."""
+    from benchmarks.inferaligner_data import splits
+
+    train, dropped = splits(data)
+    for side in ("harmful", "harmless"):
+        if train.pop(f"gate_{side}") != train[f"extract_{side}"] + train[f"calib_{side}"]:
+            raise RuntimeError(f"benchmarks.inferaligner_data: gate_{side} is no longer extract_{side} + calib_{side}")
+    return train, dropped
+
+
+def model_activations(args: Any, sets: Mapping[str, Sequence[str]], out: Path) -> tuple[list[int], dict[str, Any]]:
+    """The layers of ``--layers`` and :func:`activations` of ``sets`` for the options of :func:`add_model_arguments`."""
+    from benchmarks.safety import load_model
+    from steering.cli import parse_layers
+
+    layers = parse_layers(args.layers)
+    if not layers:
+        raise ValueError("--layers must name the layers, e.g. 0-8")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def load() -> tuple[Any, Any]:
+        model, proc = load_model(args.model, dtype=args.dtype)
+        return model.eval(), proc
+
+    return layers, activations(load, sets, layers, out / "activations", model_id=args.model, dtype=args.dtype, batch_size=args.batch_size)
+
+
 def sweep(acts: Mapping[str, Any], rows: Sequence[Row], evaluation: Sequence[str], *, preset_gate: Any = None,
           C: float = 0.1, folds: int = 5) -> list[dict[str, Any]]:
     """Calibrate each row's gate on the training activations and measure where it fires.
@@ -110,11 +158,9 @@ def sweep(acts: Mapping[str, Any], rows: Sequence[Row], evaluation: Sequence[str
     ``acts`` holds the training sets of ``benchmarks.inferaligner_data.splits()`` (``extract_*``,
     ``calib_*``, ``hard_negatives``; its ``gate_*`` lists are extraction + calibration, in that
     order) and every name in ``evaluation``."""
-    from steering import Activations, calibrate_gate
+    from steering import calibrate_gate
 
-    def cat(*names: str) -> Activations:
-        return Activations(layer_indices=acts[names[0]].layer_indices, values=torch.cat([acts[n].values for n in names]))
-
+    cat = lambda *names: join(acts, *names)  # noqa: E731
     layers = acts["extract_harmful"].layer_indices
     vectors = {layer: acts["extract_harmful"].at(layer).mean(0) - acts["extract_harmless"].at(layer).mean(0) for layer in layers}
     n_hard = len(acts["hard_negatives"])
@@ -157,26 +203,17 @@ def table(results: Sequence[dict[str, Any]], evaluation: Sequence[str]) -> str:
 @entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m benchmarks.gate_sweep", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a fetched model name or a model folder (what guardrails.load takes)")
+    add_model_arguments(p)
     p.add_argument("--out", required=True, help="folder for gate_sweep.json, gate_sweep.md and the activation cache")
-    p.add_argument("--data", help="the shared data folder (default: ../shared/data or $GUARDRAILS_DATA)")
-    p.add_argument("--layers", default="0-8", help="decoder layers to extract and sweep, e.g. 0-8 or 2,4,6")
     p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), help="METHOD:DATA:BUDGET per gate (see above)")
     p.add_argument("--preset", help="also report the shipped InferAligner preset's gate for this model name")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--C", type=float, default=0.1, help="L2 strength 1/C of the logistic gates")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--threads", type=int, help="torch threads")
     args = p.parse_args(argv)
-    from benchmarks.inferaligner_data import splits
-    from benchmarks.safety import load_model
-    from steering.cli import parse_layers
-
     rows = [Row.parse(r) for r in args.rows]
-    layers = parse_layers(args.layers)
-    if not layers:
-        raise ValueError("--layers must name the layers to sweep, e.g. 0-8")
+    train, dropped = training_sets(args.data)
+    out = Path(args.out)
+    layers, acts = model_activations(args, {**train, **{name: load(args.data) for name, load in EVALUATION.items()}}, out)
     preset_gate = None
     if args.preset:
         from guardrails.defenses.inferaligner import InferAligner
@@ -184,20 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         preset_gate = InferAligner.preset(args.preset).gate
         if preset_gate is None or preset_gate.layer not in layers:
             raise ValueError(f"the {args.preset} preset's gate (layer {getattr(preset_gate, 'layer', None)}) is not among --layers {args.layers}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train, dropped = splits(args.data)
-    for side in ("harmful", "harmless"):  # extraction + calibration: the sweep joins their activations
-        if train.pop(f"gate_{side}") != train[f"extract_{side}"] + train[f"calib_{side}"]:
-            raise RuntimeError(f"benchmarks.inferaligner_data: gate_{side} is no longer extract_{side} + calib_{side}")
-    sets = {**train, **{name: load(args.data) for name, load in EVALUATION.items()}}
-    out = Path(args.out)
-
-    def load() -> tuple[Any, Any]:
-        model, proc = load_model(args.model, dtype=args.dtype)
-        return model.eval(), proc
-
-    acts = activations(load, sets, layers, out / "activations", model_id=args.model, dtype=args.dtype, batch_size=args.batch_size)
     results = sweep(acts, rows, list(EVALUATION), preset_gate=preset_gate, C=args.C, folds=args.folds)
     md = table(results, list(EVALUATION))
     write_json(out / "gate_sweep.json", {"command": vars(args), "machine": machine_info(), "training_sizes": {k: len(v) for k, v in train.items()},

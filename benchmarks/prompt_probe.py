@@ -1,6 +1,6 @@
 """A hidden-state probe of the chat model as a prompt detector, against the shipped detector.
 
-    python -m benchmarks.prompt_probe --model qwen2.5-coder-0.5b-instruct --layers 0-23 --out runs/prompt-probe
+    python -m benchmarks.prompt_probe --model qwen2.5-coder-0.5b-instruct --layers 0-8 --out runs/gate-sweep
 
 The probe is a logistic regression on the model's own decoder-layer output at the last prompt
 token (``steering.calibrate_gate(method="logistic")``: balanced classes, L2, the layer and cut chosen
@@ -31,7 +31,7 @@ import torch
 
 from benchmarks import datasets
 from benchmarks.detector_eval import auroc, recall_at_fpr
-from benchmarks.gate_sweep import EVALUATION, activations
+from benchmarks.gate_sweep import EVALUATION, add_model_arguments, join, model_activations, training_sets
 from benchmarks.report import machine_info, markdown_table, write_json
 from guardrails._cli import ArgumentParser, entry_point
 
@@ -103,47 +103,22 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 @entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m benchmarks.prompt_probe", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a fetched model name or a model folder (what guardrails.load takes)")
+    add_model_arguments(p)
     p.add_argument("--out", required=True, help="folder for prompt_probe.json / .md and the activation cache")
-    p.add_argument("--data", help="the shared data folder (default: ../shared/data or $GUARDRAILS_DATA)")
-    p.add_argument("--layers", default="all", help="decoder layers the probe may use, e.g. 0-23 or 4,8,12 (default all)")
     p.add_argument("--budget", type=float, default=0.05, help="false-positive budget on the harmless training prompts")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, help="torch threads")
     args = p.parse_args(argv)
-    from benchmarks.inferaligner_data import near_duplicates, splits
-    from benchmarks.safety import load_model
+    from benchmarks.inferaligner_data import near_duplicates
     from guardrails.classifiers import load_default_detector
-    from steering import Activations, calibrate_gate
-    from steering.cli import parse_layers
+    from steering import calibrate_gate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train, dropped = splits(args.data)
+    sets, dropped = training_sets(args.data)
     evaluation = {**{k: f(args.data) for k, f in EVALUATION.items()}, **{k: f(args.data) for k, f in FIGSTEP.items()}}
     # FigStep is not among inferaligner_data's evaluation sets: check here that no training prompt is close to it
-    leaked = {k: len(near_duplicates(v, evaluation["FigStep questions"])) for k, v in train.items() if k.startswith(("extract", "calib"))}
+    leaked = {k: len(near_duplicates(v, evaluation["FigStep questions"])) for k, v in sets.items()}
     if any(leaked.values()):
         raise RuntimeError(f"training prompts close to FigStep questions: {leaked}; add FigStep to inferaligner_data.EVALUATION_SETS")
-    sets = {k: v for k, v in train.items() if not k.startswith("gate_")}
-    model_cache: list[tuple[Any, Any]] = []
-
-    def load() -> tuple[Any, Any]:
-        if not model_cache:
-            m, proc = load_model(args.model, dtype=args.dtype)
-            model_cache.append((m.eval(), proc))
-        return model_cache[0]
-
-    n_layers = int(load()[0].config.get_text_config().num_hidden_layers)
-    layers = parse_layers(args.layers) or list(range(n_layers))
-    acts = activations(load, {**sets, **evaluation}, layers, Path(args.out) / "activations", model_id=args.model,
-                       dtype=args.dtype, batch_size=args.batch_size)
-
-    def cat(*names: str) -> Activations:
-        return Activations(layer_indices=layers, values=torch.cat([acts[n].values for n in names]))
-
-    cal = calibrate_gate(None, cat("extract_harmful", "calib_harmful"), cat("extract_harmless", "calib_harmless", "hard_negatives"),
+    layers, acts = model_activations(args, {**sets, **evaluation}, Path(args.out))
+    cal = calibrate_gate(None, join(acts, "extract_harmful", "calib_harmful"), join(acts, "extract_harmless", "calib_harmless", "hard_negatives"),
                          max_fpr=args.budget, method="logistic")
     gate = cal.gate
     det = load_default_detector()
