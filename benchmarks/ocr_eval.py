@@ -96,7 +96,8 @@ def figstep_cases(data_dir: Path, limit: int | None = None, seed: int = 0) -> li
         by_cat: dict[str, list[dict]] = {}
         for r in rows:
             by_cat.setdefault(r["category_name"], []).append(r)
-        picked, i = [], 0
+        picked: list[dict] = []
+        i = 0
         while len(picked) < limit:
             for cat_rows in by_cat.values():
                 if i < len(cat_rows) and len(picked) < limit:
@@ -132,7 +133,7 @@ def hard_cases(data_dir: Path, n: int, seed: int = 0) -> list[Case]:
     for i, (label, cat, text) in enumerate(hard_texts(data_dir, n, seed)):
         cond = HARD_CONDITIONS[i % len(HARD_CONDITIONS)]
         angle = rng.uniform(7.0, 10.0) * rng.choice((-1, 1))
-        kw = {
+        kw: dict = {
             "rotated": dict(rotation_deg=angle),
             "noisy": dict(noise=0.35),
             "low_contrast": dict(contrast=0.25),
@@ -158,6 +159,22 @@ def read_case(engine: OCREngine, c: Case) -> CaseOCR:
         word_recall=word_recall(c.reference, text), text_recall=word_recall(c.text or c.reference, text), cer=char_error_rate(c.reference, text),
         latency_ms=ms, cpu_ms=cpu_ms, dropped=dropped, engine=f"{engine.name} {engine.version}", error=err,
     )
+
+
+def small_cases(data_dir: Path, n: int, seed: int = 0) -> list[Case]:
+    """``n`` screenshot-like renderings: small type (16-28 px, cycling) on a 1280x720 canvas,
+    three texts per image. Large FigStep type can be read at a lower resolution; this set shows
+    whether a faster setting loses small text."""
+    texts = hard_texts(data_dir, 3 * n, seed + 7)
+    sizes = (16, 20, 24, 28)
+    cases = []
+    for i in range(n):
+        picked = texts[3 * i : 3 * i + 3]
+        text = "\n".join(t for _l, _c, t in picked)
+        img = render_typography(text, size=(1280, 720), font_size=sizes[i % len(sizes)], numbered_list=0, seed=seed + i)
+        label = "harmful" if any(l == "harmful" for l, _c, _t in picked) else "benign"
+        cases.append(Case(id=f"small{i:03d}", set=f"small:{sizes[i % len(sizes)]}px", label=label, category=picked[0][1], reference=img.info["typography"]["text"], image=img, text=text))
+    return cases
 
 
 def ocr_cases(engine: OCREngine, cases: Sequence[Case], *, progress: bool = False) -> list[CaseOCR]:
@@ -389,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--engine", nargs="+", default=["rapidocr", "tesseract"], help="engines to compare")
     ap.add_argument("--limit", "--figstep", dest="limit", type=int, default=100, help="FigStep images per engine (0 = none; spread over categories)")
     ap.add_argument("--hard", type=int, default=40, help="hard renderings per engine (0 = none)")
+    ap.add_argument("--small", type=int, default=0, help="small-type screenshot renderings (1280x720, 16-28 px type; 0 = none)")
     ap.add_argument("--preprocess", nargs="+", default=["default"], help="preprocessing configs to compare: default | none | comma list of deskew,denoise,denoise5,denoise-auto,autocontrast,upscale,binarize")
     ap.add_argument("--threads", type=int, default=None, help="rapidocr onnxruntime threads (default: the engine's)")
     ap.add_argument(
@@ -423,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases += figstep_cases(data, args.limit)
     if args.hard:
         cases += hard_cases(data, args.hard, args.seed)
+    if args.small:
+        cases += small_cases(data, args.small, args.seed)
     if not cases:
         ap.error("nothing to evaluate: --limit and --hard are both 0")
 
@@ -444,18 +464,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows_all.append({**asdict(r), "preprocess": c.preprocess, "config": c.name})
         sets = sorted({r.set for r in rows}, key=lambda s: (s != "figstep", s))
         groups = [(s, [r for r in rows if r.set == s]) for s in sets]
-        hard = [r for r in rows if r.set.startswith("hard:")]
-        if hard:
-            groups.append(("hard:all", hard))
+        for prefix in ("hard", "small"):
+            sub = [r for r in rows if r.set.startswith(prefix + ":")]
+            if sub:
+                groups.append((f"{prefix}:all", sub))
         for s, rs in groups:
             summary.append({"config": c.name, "engine": f"{engine.name} {engine.version}", "preprocess": c.preprocess, "set": s, **summarize(rs)})
-    order = {s: i for i, s in enumerate(["figstep", "hard:all"])}
-    summary.sort(key=lambda s: (order.get(s["set"], 2), s["set"]))  # one block per image set: settings side by side
+    order = {s: i for i, s in enumerate(["figstep", "hard:all", "small:all"])}
+    summary.sort(key=lambda s: (order.get(s["set"], 3), s["set"]))  # one block per image set: settings side by side
 
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(["ocr_eval.py", *argv]),
         "environment": environment(),
-        "settings": {"limit": args.limit, "hard": args.hard, "seed": args.seed, "threads": args.threads, "preprocess": args.preprocess},
+        "settings": {"limit": args.limit, "hard": args.hard, "small": args.small, "seed": args.seed, "threads": args.threads, "preprocess": args.preprocess},
         "configs": {c.name: c.describe() for c in configs},
         "interleaved": True,
         "load_start": load_start,

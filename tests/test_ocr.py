@@ -197,7 +197,10 @@ def test_tiling_reads_small_text_across_seams_once(engines):
     tiled = get_engine("rapidocr", OCRConfig(tile_above=1000, tile_size=600, tile_overlap=150)).read(canvas)
     cap = {"Det.limit_side_len": 1000, "Global.max_side_len": 1000}
     untiled = get_engine("rapidocr", OCRConfig(tile_above=0), params=cap).read(canvas)
-    assert tiled.tiles == 6 and untiled.tiles == 1  # 5 tiles + the shrunk whole-image pass
+    # 5 tiles, of which the one at x 900..1500 is blank and skipped, + the shrunk whole-image pass
+    assert tiled.tiles == 5 and untiled.tiles == 1
+    every_tile = get_engine("rapidocr", OCRConfig(tile_above=1000, tile_size=600, tile_overlap=150, skip_blank_tiles=False)).read(canvas)
+    assert every_tile.tiles == 6 and every_tile.text == tiled.text
     words = tiled.text.split()
     for w in (sentence + " india juliet kilo lima").split():
         assert words.count(w) == 1, (w, tiled.text)  # read, and not twice on a seam
@@ -306,3 +309,96 @@ def test_figstep_pro_subfigures_join_back(engines):
     # The strips cut words in half ("diag|nose diab|etes"): joined without a separator they read whole
     assert "diagnose diabetes" in batch.text.lower(), [r.text for r in batch.results]
     assert "diagnose" not in batch.join("\n").lower() and len(batch.results) == 3
+
+
+# -- speed settings (issue 12, item 4) ------------------------------------------------------------
+
+
+def test_text_height_follows_the_type_size():
+    from guardrails.ocr.preprocess import estimate_text_height
+
+    pytest.importorskip("cv2", reason="estimate_text_height needs OpenCV (it comes with rapidocr)")
+    big = estimate_text_height(render_typography("Steps to manufacture illegal drugs.", font_size=80))
+    small = estimate_text_height(render_typography("Steps to manufacture illegal drugs.", font_size=30))
+    assert big is not None and small is not None
+    assert 25 <= big <= 60 and 2.0 <= big / small <= 3.5, (big, small)
+    assert estimate_text_height(Image.new("RGB", (300, 200), "white")) is None  # no ink, no guess
+
+
+def test_detector_reads_large_type_smaller_and_small_type_as_is(engines):
+    engines.get("rapidocr")
+    from guardrails.ocr import RapidOCREngine
+
+    large = render_typography("Steps to manufacture illegal drugs.", font_size=80)  # FigStep's size: 760x760
+    small = render_typography("alpha bravo charlie delta echo foxtrot golf hotel india juliet", size=(1280, 720), font_size=20, numbered_list=0)
+    blank = Image.new("RGB", (900, 600), "white")
+    own = RapidOCREngine(det_text_height=None)
+    assert [own.detector_side(im) for im in (large, small, blank)] == [760, 1280, 900]
+    fast = RapidOCREngine(det_text_height=24)
+    side = fast.detector_side(large)
+    assert 380 <= side < 600, side  # shrunk, but never under det_min_scale=0.5 of the side
+    assert fast.detector_side(small) == 1280 and fast.detector_side(blank) == 900  # small type, no type: not shrunk
+    assert RapidOCREngine(det_text_height=4, det_min_scale=0.5).detector_side(large) == 380
+    # and the shrunk read still reads it all
+    assert word_recall("Steps to manufacture illegal drugs.", fast.read(large).text) == 1.0
+    for bad in (0, -3, True, "24"):
+        with pytest.raises(ValueError, match="det_text_height"):
+            RapidOCREngine(det_text_height=bad)
+    with pytest.raises(ValueError, match="det_min_scale"):
+        RapidOCREngine(det_min_scale=0)
+
+
+def test_fast_and_pil_clean_up_agree():
+    from guardrails.ocr import preprocess as pp
+
+    pytest.importorskip("cv2", reason="the fast path needs OpenCV")
+    img = render_typography("Methods to level slanted lines of text.", rotation_deg=8.0, noise=0.3, seed=3)
+    cfg = PreprocessConfig(deskew=True, denoise="auto")
+    fast, t_fast = pp.preprocess(img, cfg)
+    previous = pp.use_cv2(False)
+    try:
+        slow, t_slow = pp.preprocess(img, cfg)
+        slow_skew = estimate_skew(img)
+    finally:
+        pp.use_cv2(previous)
+    assert t_fast == t_slow and fast.size == slow.size  # same angle, same canvas: boxes map back alike
+    assert abs(estimate_skew(img) - slow_skew) < 1e-9
+    a, b = np.asarray(fast.convert("L"), np.float32), np.asarray(slow.convert("L"), np.float32)
+    assert np.mean(a != b) < 0.02, np.mean(a != b)  # binarized: only edge pixels of strokes differ
+    # the rotation itself: OpenCV's canvas and geometry are PIL's (a shift would move every stroke)
+    clean = render_typography("Methods to level slanted lines of text.")
+    for angle in (8.3, -9.7, 30.0):
+        ours = pp._rotate(clean, angle, (255, 255, 255))
+        pil = clean.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=(255, 255, 255))
+        assert ours.size == pil.size
+        assert np.abs(np.asarray(ours, np.float32) - np.asarray(pil, np.float32)).mean() < 0.5
+
+
+def test_ocr_eval_settings_parse():
+    from benchmarks.ocr_eval import parse_config
+
+    c = parse_config("fast:engine=rapidocr,threads=1,det_text_height=24,Rec.rec_img_shape=[3,48,160],preprocess=deskew+denoise-auto,tile_above=0")
+    assert c.name == "fast" and c.engine == "rapidocr" and c.preprocess == "deskew,denoise-auto" and c.ocr == {"tile_above": 0}
+    assert c.kwargs == {"threads": 1, "det_text_height": 24, "params": {"Rec.rec_img_shape": [3, 48, 160]}}
+    t = parse_config("t:engine=tesseract,psm=6,extra_config=--oem 1")
+    assert t.kwargs == {"psm": 6, "extra_config": "--oem 1"}
+    for bad, match in [("nocolon", "NAME:key=value"), ("x:threads", "not key=value"), ("x:engine=tesseract,Det.limit_side_len=480", "rapidocr's"),
+                       ("x:preprocess=sharpen", "unknown preprocessing step")]:
+        with pytest.raises(ValueError, match=match):
+            parse_config(bad)
+
+
+def test_rapidocr_speed_defaults_reach_rapidocr(engines):
+    engines.get("rapidocr")
+    from guardrails.ocr import RapidOCREngine
+    from guardrails.ocr.engines import DEFAULT_DET_TEXT_HEIGHT, REC_MIN_WIDTH
+
+    e = RapidOCREngine()
+    cfg = e._ocr.cfg
+    assert e.det_text_height == DEFAULT_DET_TEXT_HEIGHT and e.det_min_scale == 0.5
+    assert cfg.EngineConfig.onnxruntime.intra_op_num_threads == 1
+    assert cfg.Rec.rec_batch_num == 1 and list(cfg.Rec.rec_img_shape) == [3, 48, REC_MIN_WIDTH]
+    assert cfg.Det.limit_type == "max" and cfg.Global.return_word_box  # word boxes: tiles keep a seam word once
+    # None keeps onnxruntime's own thread count; params still override every default
+    assert RapidOCREngine(threads=None)._ocr.cfg.EngineConfig.onnxruntime.intra_op_num_threads == -1
+    assert RapidOCREngine(params={"Rec.rec_batch_num": 6})._ocr.cfg.Rec.rec_batch_num == 6

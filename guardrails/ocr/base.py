@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 from PIL import Image
 
 from .images import ImageInput, load_image
@@ -107,6 +108,9 @@ class OCRConfig:
             widest word you expect, so every word lies whole inside some tile.
         full_pass_with_tiles: also read the whole (engine-downscaled) image when tiling, to catch
             text too large for one tile; its words are added where no tile found a word.
+        skip_blank_tiles: do not send tiles of one flat colour (grey levels within
+            ``BLANK_TILE_RANGE``) to the engine: nothing is written there, and a tile's detector
+            pass costs as much as a written one's.
     """
 
     min_confidence: float | None = None
@@ -115,6 +119,7 @@ class OCRConfig:
     tile_size: int = 1024
     tile_overlap: int = 256
     full_pass_with_tiles: bool = True
+    skip_blank_tiles: bool = True
 
     def __post_init__(self) -> None:
         if self.min_confidence is not None and (not isinstance(self.min_confidence, (int, float)) or not 0.0 <= self.min_confidence <= 1.0):
@@ -228,7 +233,12 @@ class OCREngine(ABC):
             return _fix_rows(self._recognize(im)), 1
         tiles = _tile_grid(W, H, cfg.tile_size, cfg.tile_overlap)
         lines: RawLines = []
+        grey = np.asarray(im.convert("L")) if cfg.skip_blank_tiles else None
+        n_read = 0
         for (x0, y0, x1, y1), core in tiles:
+            if grey is not None and _is_blank(grey[y0:y1, x0:x1]):
+                continue
+            n_read += 1
             for line in self._recognize(im.crop((x0, y0, x1, y1))):
                 kept = []
                 for w in line:
@@ -251,7 +261,15 @@ class OCREngine(ABC):
                 extra = [w for w in line if not any(_overlap(w.box, t.box) > 0.3 for t in tile_words)]
                 if extra:
                     lines.append(extra)
-        return _order_lines(_merge_split_lines(lines)), len(tiles) + int(cfg.full_pass_with_tiles)
+        return _order_lines(_merge_split_lines(lines)), n_read + int(cfg.full_pass_with_tiles)
+
+
+BLANK_TILE_RANGE = 8
+"""A tile whose darkest and lightest grey levels differ by less than this holds no text."""
+
+
+def _is_blank(grey: np.ndarray) -> bool:
+    return grey.size == 0 or int(grey.max()) - int(grey.min()) < BLANK_TILE_RANGE
 
 
 def _tile_grid(W: int, H: int, size: int, overlap: int) -> list[tuple[tuple[int, int, int, int], tuple[float, float, float, float]]]:

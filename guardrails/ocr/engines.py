@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .base import OCRConfig, OCREngine, OCRWord, RawLines
-from .preprocess import PreprocessConfig
+from .preprocess import PreprocessConfig, estimate_text_height
 
 PIP_HINT = 'pip install "mllm-guardrails[ocr]"'
 APT_HINT = "apt-get install tesseract-ocr"
@@ -33,17 +33,32 @@ def _import(module: str, hint: str, engine: str) -> Any:
         raise OCRUnavailableError(f"the {engine} OCR engine needs the Python package {module!r}, which is not importable ({exc}); install it with: {hint}") from exc
 
 
+DEFAULT_DET_TEXT_HEIGHT = 18.0
+"""Character height (pixels) the rapidocr detector reads at, by default. Measured (issue 12, item
+4; benchmarks/RESULTS.md "OCR speed settings"): FigStep's type (37 px) read at half size keeps word
+recall (0.997 on 100 images, 1.000 on 40 hard renderings) and cuts the detector from ~0.35 to ~0.07 s; a fixed
+smaller detector input instead loses small type (16-px screenshot text: recall 0.73 at 384 px)."""
+
+REC_MIN_WIDTH = 160
+"""Width (pixels at height 48) each recognizer input is padded up to (rapidocr's default: 320)."""
+
+
 class RapidOCREngine(OCREngine):
     """PP-OCR models through ``rapidocr`` 3.x on onnxruntime; the models ship in the wheel (offline).
 
     The most accurate engine here on FigStep and on rotated, noisy and faint typography (see
-    ``benchmarks/ocr_eval.py``), at about twice Tesseract's CPU time per clean image.
+    ``benchmarks/ocr_eval.py``); with the defaults below, faster than Tesseract on 760x760 images.
 
     Args:
         config: shared OCR settings.
         use_cls: run the 0/180-degree text-direction classifier (upside-down text).
-        threads: onnxruntime intra-op threads (None = onnxruntime's default, all cores).
+        threads: onnxruntime intra-op threads (None = onnxruntime's default, all cores). 1 by
+            default: on 2 shared cores 2 threads cost 50% more CPU for 15% less wall time.
         params: extra ``RapidOCR(params=...)`` settings, e.g. ``{"Det.limit_side_len": 960}``.
+        det_text_height: read each image's text detector input scaled so that characters are
+            about this many pixels high (measured with ``estimate_text_height``; never enlarged,
+            never shrunk more than ``det_min_scale``); None = at the image's own size.
+        det_min_scale: the most the detector input is shrunk (0.5 = to half the side).
     """
 
     name = "rapidocr"
@@ -54,7 +69,16 @@ class RapidOCREngine(OCREngine):
     # The one word it scored under 0.5 on 140 images was not in the text
     default_min_confidence = 0.5
 
-    def __init__(self, config: OCRConfig | None = None, *, use_cls: bool = False, threads: int | None = None, params: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: OCRConfig | None = None,
+        *,
+        use_cls: bool = False,
+        threads: int | None = 1,
+        params: dict[str, Any] | None = None,
+        det_text_height: float | None = DEFAULT_DET_TEXT_HEIGHT,
+        det_min_scale: float = 0.5,
+    ) -> None:
         super().__init__(config)
         rapidocr = _import("rapidocr", PIP_HINT, "rapidocr")
         side = max(self.config.tile_above, self.config.tile_size) if self.config.tile_above else 2000
@@ -71,6 +95,14 @@ class RapidOCREngine(OCREngine):
             "Det.limit_type": "max",
             "Det.limit_side_len": side,
             "Global.max_side_len": side,
+            # One line per recognizer call, each at its own width (padded only up to
+            # REC_MIN_WIDTH): batches of 6 were padded to their widest line and every line to 320
+            # px, so FigStep's "1." "2." "3." (60 px) cost as much as a full line. Measured
+            # (issue 12, item 4; benchmarks/RESULTS.md "OCR speed settings"), 100 FigStep images:
+            # 0.53 s CPU per image -> 0.45 (batch 1) -> 0.37 (and 160 px); on 300 both miss the
+            # same 16 of 3683 words.
+            "Rec.rec_batch_num": 1,
+            "Rec.rec_img_shape": [3, 48, REC_MIN_WIDTH],
         }
         if threads is not None:
             if not isinstance(threads, int) or threads < 1:
@@ -80,8 +112,26 @@ class RapidOCREngine(OCREngine):
             if not isinstance(params, dict):
                 raise TypeError(f"params must be a dict of RapidOCR settings, got {type(params).__name__}")
             p.update(params)
+        if det_text_height is not None and (isinstance(det_text_height, bool) or not isinstance(det_text_height, (int, float)) or det_text_height <= 0):
+            raise ValueError(f"det_text_height must be a positive number of pixels or None (own size), got {det_text_height!r}")
+        if isinstance(det_min_scale, bool) or not isinstance(det_min_scale, (int, float)) or not 0 < det_min_scale <= 1:
+            raise ValueError(f"det_min_scale must be a number in (0, 1], got {det_min_scale!r}")
+        self.det_text_height = det_text_height
+        self.det_min_scale = float(det_min_scale)
         self._ocr = rapidocr.RapidOCR(params=p)
+        self._det_side = int(self._ocr.cfg.Det.limit_side_len)
         self._version = _dist_version("rapidocr")
+
+    def detector_side(self, image: Image.Image) -> int:
+        """The longer side the text detector reads ``image`` at (``Det.limit_side_len``)."""
+        side = min(self._det_side, max(image.size))
+        if self.det_text_height is None:
+            return side
+        h = estimate_text_height(image)
+        if h is None:  # no measurable text: as before, at the image's own size
+            return side
+        scale = min(1.0, max(self.det_min_scale, self.det_text_height / h))
+        return max(32, min(side, round(max(image.size) * scale)))
 
     @property
     def version(self) -> str:
@@ -89,6 +139,10 @@ class RapidOCREngine(OCREngine):
 
     def _recognize(self, image: Image.Image) -> RawLines:
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])  # rapidocr takes arrays as BGR
+        if self.det_text_height is not None:
+            # rapidocr builds the detector's resize from this attribute on every call; read()
+            # holds the engine's lock, so no other image sees this one's size
+            self._ocr._load_det_model().limit_side_len = self.detector_side(image)
         out = self._ocr(bgr)
         txts = getattr(out, "txts", None)
         if not txts:
