@@ -218,8 +218,8 @@ class SteeringVectors:
         best = calibration.best
         if best is None:
             raise ValueError("no steering candidate was fluent on the calibration prompts (every one garbled or raised "
-                             "the bare model's NLL too much):\n" + calibration.table() + "\ntry smaller alphas or "
-                             "other layers; nothing was recorded")
+                             "the bare model's NLL too much); try smaller alphas or other layers\n" + calibration.table()
+                             + "\nnothing was recorded")
         extra = {**self.manifest.extra, "alpha": best.alpha, "layers": list(best.layers), "scale": best.scale,
                  "positions": best.positions, "steering_calibration": calibration.to_dict()}
         manifest = Manifest(**{**self.manifest.to_dict(), "extra": extra})
