@@ -22,15 +22,18 @@ Rows (each with the figure now, the goal and whether it is met):
 
 Before any figure, every training text the detector's record names is checked against every
 evaluation text (word-level near-duplicates, ``benchmarks.inferaligner_data.near_duplicates``):
-a leak stops the report, naming the texts (``--drop-leaked`` evaluates without them and lists them). ``--write`` puts the table into benchmarks/RESULTS.md
-(between ``<!-- detector-report -->`` markers) and into the detector's ``manifest.json``
-(``evaluation``).
+a leak stops the report, naming the texts (``--drop-leaked`` evaluates without them and lists
+them). ``--write`` puts the table into benchmarks/RESULTS.md (between ``<!-- detector-report -->``
+markers) and into ``evaluation.json`` beside the detector's manifest, with the head's sha256 (not
+into the manifest itself: ``benchmarks.train_detector`` rebuilds that bit for bit, and a retrained
+head must not carry the old one's evaluation).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 import textwrap
 import time
 from collections.abc import Mapping, Sequence
@@ -45,6 +48,7 @@ from guardrails._cli import ArgumentParser, entry_point
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MARK = "<!-- detector-report -->"
+EVALUATION_FILE = "evaluation.json"
 HARMFUL_CATS = ("Illegal Activity", "Hate Speech", "Malware Generation", "Physical Harm", "Fraud", "Adult Content", "Privacy Violation")
 
 
@@ -223,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for detector_report.json / .md and the OCR reads")
     p.add_argument("--drop-leaked", action="store_true", help="evaluate without evaluation texts found in the training data "
                    "(listed in the report) instead of stopping")
-    p.add_argument("--write", action="store_true", help="also write the table into benchmarks/RESULTS.md and the detector's manifest")
+    p.add_argument("--write", action="store_true", help="also write the table into benchmarks/RESULTS.md and evaluation.json beside the detector's manifest")
     args = p.parse_args(argv)
     from guardrails.classifiers.default import default_detector_dir, load_default_detector, load_detector
     from guardrails.data import shared_data_dir
@@ -235,16 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rep = build(det, data, out, labelled=args.labelled, engine=args.engine, drop_leaked=args.drop_leaked)
-    rep["command"] = "python -m benchmarks.detector_report " + " ".join(a for a in (argv or []) if a != "--write")
+    given = list(sys.argv[1:] if argv is None else argv)
+    rep["command"] = " ".join(["python -m benchmarks.detector_report", *(a for a in given if a != "--write")])
     md = table(rep)
     write_json(out / "detector_report.json", rep)
     (out / "detector_report.md").write_text(md + "\n", encoding="utf-8")
     if args.write:
         write_results(md)
+        # beside the manifest, not in it: train_detector rebuilds manifest.json bit for bit, and a
+        # retrained head must not carry the old head's evaluation
         folder = default_detector_dir() if args.detector == "default" else Path(args.detector)
-        man = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        man["evaluation"] = {k: rep[k] for k in ("command", "threshold", "leaked", "rows")}
-        (folder / "manifest.json").write_text(json.dumps(man, indent=1) + "\n", encoding="utf-8")
+        write_json(folder / EVALUATION_FILE, {**{k: rep[k] for k in ("command", "threshold", "leaked", "rows")},
+                                              "head_sha256": json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("head_sha256")})
     print(md)
     return 0
 
