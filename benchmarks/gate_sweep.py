@@ -210,17 +210,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--C", type=float, default=0.1, help="L2 strength 1/C of the logistic gates")
     p.add_argument("--folds", type=int, default=5)
     args = p.parse_args(argv)
+    from steering.cli import parse_layers
+
     rows = [Row.parse(r) for r in args.rows]
-    train, dropped = training_sets(args.data)
-    out = Path(args.out)
-    layers, acts = model_activations(args, {**train, **{name: load(args.data) for name, load in EVALUATION.items()}}, out)
     preset_gate = None
-    if args.preset:
+    if args.preset:  # checked before any activation is extracted
         from guardrails.defenses.inferaligner import InferAligner
 
         preset_gate = InferAligner.preset(args.preset).gate
-        if preset_gate is None or preset_gate.layer not in layers:
+        if preset_gate is None or preset_gate.layer not in (parse_layers(args.layers) or []):
             raise ValueError(f"the {args.preset} preset's gate (layer {getattr(preset_gate, 'layer', None)}) is not among --layers {args.layers}")
+    train, dropped = training_sets(args.data)
+    out = Path(args.out)
+    _, acts = model_activations(args, {**train, **{name: load(args.data) for name, load in EVALUATION.items()}}, out)
     results = sweep(acts, rows, list(EVALUATION), preset_gate=preset_gate, C=args.C, folds=args.folds)
     md = table(results, list(EVALUATION))
     write_json(out / "gate_sweep.json", {"command": vars(args), "machine": machine_info(), "training_sizes": {k: len(v) for k, v in train.items()},
