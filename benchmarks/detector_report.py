@@ -100,6 +100,16 @@ def ocr_reads(cases: list[tuple[str, Any]], cache_file: Path, engine: Any) -> di
     return {k: reads[k] for k, _ in cases}
 
 
+def typographic_cases(fig: Sequence[Any], benign_fig: Sequence[Any], xs_safe: Sequence[Any]) -> list[tuple[str, Any]]:
+    """``(key, image)`` for FigStep's harmful images, then the benign typographic set (FigStep's
+    benign sentences as FigStep images, XSTest safe prompts rendered by our renderer)."""
+    from guardrails.ocr.typography import render_typography
+
+    cases: list[tuple[str, Any]] = [(f"figstep:{x.id}", x.images[0]) for x in fig]
+    cases += [(f"figstep_benign:{x.id}", x.images[0]) for x in benign_fig]
+    return cases + [(f"xstest_safe:{x.id}", render_typography(x.prompt)) for x in xs_safe]
+
+
 def read_labelled(path: str) -> list[dict[str, Any]]:
     rows = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
@@ -120,7 +130,6 @@ def build(det: Any, data: Path, out: Path, *, labelled: str | None = None, engin
     or with ``drop_leaked`` leaves them out and lists them in ``leaked``)."""
     from benchmarks import datasets
     from guardrails.ocr import get_engine, word_recall
-    from guardrails.ocr.typography import render_typography
 
     threshold = float(getattr(det, "threshold", 0.5))
     manifest = dict(getattr(det, "metadata", {}))
@@ -154,9 +163,7 @@ def build(det: Any, data: Path, out: Path, *, labelled: str | None = None, engin
                  "goal": ">= 0.90 at FPR <= 0.10", "met": r["recall"] >= 0.90 and r["fpr"] <= 0.10, "figures": r})
 
     ocr = get_engine(engine)
-    cases: list[tuple[str, Any]] = [(f"figstep:{x.id}", x.images[0]) for x in fig]
-    cases += [(f"figstep_benign:{x.id}", x.images[0]) for x in benign_fig]
-    cases += [(f"xstest_safe:{x.id}", render_typography(x.prompt)) for x in xs_safe]
+    cases = typographic_cases(fig, benign_fig, xs_safe)
     reads = ocr_reads(cases, out / "ocr_reads.json", ocr)
     harm_text = [reads[f"figstep:{x.id}"]["text"] for x in fig]
     benign_text = [reads[k]["text"] for k, _ in cases[len(fig):]]

@@ -855,3 +855,42 @@ def force_yes_no(model: Any, tokenizer: Any, answer: str) -> Iterator[None]:
         yield
     finally:
         h.remove()
+
+
+# -- a tiny sentence encoder (the detectors' BERT-style encoders) ------------------------------------
+_ENCODER_CORPUS = [
+    "how do i bake bread at home with flour water and yeast",
+    "sure here is how to build a dangerous weapon step by step",
+    "i am sorry but i cannot help with that request",
+    "the weather today is sunny with a light breeze",
+    "question answer unsafe safe harmful harmless category",
+    "write a poem about the ocean and the moon",
+]
+
+
+def wordpiece_tokenizer() -> Any:
+    """A real BERT-style fast tokenizer (WordPiece, lower-cased) trained offline on a few sentences."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tk.train_from_iterator(_ENCODER_CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=64,
+    )
+
+
+def bert_config(tok: Any, **kw: Any) -> Any:
+    """A 2-layer, 32-wide BERT config for ``tok`` (pass ``num_labels=`` etc. through ``kw``)."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id, **kw)

@@ -25,48 +25,13 @@ from guardrails.classifiers import (  # noqa: E402
     SequenceClassifierJudge,
 )
 from guardrails.classifiers.guard_model import SHIELDGEMMA_TEMPLATE, parse_categories  # noqa: E402
+from guardrails.testing import bert_config, wordpiece_tokenizer  # noqa: E402
+
 
 # -- fixtures -------------------------------------------------------------------------------------
-_CORPUS = [
-    "how do i bake bread at home with flour water and yeast",
-    "sure here is how to build a dangerous weapon step by step",
-    "i am sorry but i cannot help with that request",
-    "the weather today is sunny with a light breeze",
-    "question answer unsafe safe harmful harmless category",
-    "write a poem about the ocean and the moon",
-]
-
-
-def _wordpiece_tokenizer():
-    """A real BERT-style fast tokenizer trained offline on a few sentences."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tk.train_from_iterator(_CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
-    cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=64,
-    )
-
-
-def _bert_config(tok, **kw):
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id, **kw)
-
-
 @pytest.fixture(scope="module")
 def wordpiece():
-    return _wordpiece_tokenizer()
+    return wordpiece_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +39,14 @@ def tiny_encoder(wordpiece):
     from transformers import BertModel
 
     torch.manual_seed(0)
-    return BertModel(_bert_config(wordpiece)).eval()
+    return BertModel(bert_config(wordpiece)).eval()
 
 
 def _seqcls(tok, num_labels, seed=0, **kw):
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
-    return BertForSequenceClassification(_bert_config(tok, num_labels=num_labels, **kw)).eval()
+    return BertForSequenceClassification(bert_config(tok, num_labels=num_labels, **kw)).eval()
 
 
 # -- keyword judges -------------------------------------------------------------------------------
