@@ -7,16 +7,19 @@ SelfModeration and ECSO flag an answer when the model's own yes/no judgement giv
 threshold. The default 0.5 was never measured; on Qwen2.5-Coder-0.5B it turned a third of the
 benign answers into refusals (issue 17). This command:
 
-1. answers calibration prompts with the bare model (greedy): harmful ones (StrongREJECT + the
-   project's authored harmful prompts) and benign ones (authored benign prompts and hard negatives:
-   benign prompts with dangerous words), all disjoint from the evaluation sets (JailbreakBench,
-   HarmBench, XSTest, AdvBench are not used; see benchmarks/inferaligner_data.py);
+1. answers calibration prompts with the bare model (greedy): harmful ones (StrongREJECT, HarmBench
+   val and the project's authored harmful prompts) and benign ones (authored benign prompts and hard
+   negatives: benign prompts with dangerous words), all disjoint from the evaluation sets
+   (JailbreakBench, HarmBench test, XSTest, AdvBench are not used; see benchmarks/inferaligner_data.py);
 2. marks which answers the model itself refused (refusal keywords, JailbreakBench's list);
-3. scores every answer with the judge, per template;
+3. scores every answer with the judge, per template; ``--classifier-judge classifier:default`` adds
+   SelfModeration with that detector as its judge instead of the model (the judge that does not
+   depend on the model's own yes/no). The shipped detector was trained on these calibration
+   prompts (not on these answers): its separation here is optimistic, the test sets tell;
 4. chooses the threshold that flags the most answers the model gave to harmful prompts while
    flagging at most ``--max-added-refusal`` of the benign prompts (a flagged benign answer is a new
-   refusal or a rewrite: counted as added over-refusal, the conservative reading), and the template
-   that does best at it;
+   refusal or a rewrite: counted as added over-refusal, the conservative reading), and the judge
+   that does best at it (a template, or the shipped detector; a detector folder is only reported);
 5. writes everything (answers, scores, the sweep) to ``--out``, and with ``--write-preset`` the
    choice to ``guardrails/defenses/presets/<defense>/<model>/config.json`` (``preset=MODEL`` in a spec).
 
@@ -39,12 +42,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFENSES = ("self_moderation", "ecso")
+SHIPPED_DETECTOR = "classifier:default"  # the one classifier judge a preset can name (``"judge": "default"``)
 
 
 class _Sweep(TypedDict):
     """One judge template's calibration: the chosen threshold and the figures around it."""
 
-    template: str | None  # None: ECSO's fixed self-check
+    template: str | None  # None: ECSO's fixed self-check, or a classifier judge
+    judge: str  # what scored the answers: the template's name, ecso_harm_check, or classifier:...
     choice: dict[str, Any]  # BudgetChoice.to_dict()
     auroc: float | None
     at_default_threshold: dict[str, float]
@@ -97,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m benchmarks.calibrate_judge", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a fetched model name, folder or tiny:ARCH")
     p.add_argument("--defense", choices=DEFENSES, default="self_moderation")
+    p.add_argument("--classifier-judge", action="append", default=[], metavar="classifier:default|classifier:DIR",
+                   help="also calibrate SelfModeration(judge=<that detector>) on the same answers (repeatable)")
     p.add_argument("--templates", nargs="*", default=None,
                    help="SelfModeration judge templates to compare (default: selfmod_judge_followup selfmod_judge)")
     p.add_argument("--max-added-refusal", type=float, default=0.02, help="share of benign prompts the judge may flag (default 0.02)")
@@ -113,16 +120,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CliError(f"--max-added-refusal is a share in [0, 1), got {args.max_added_refusal}")
     if args.defense == "ecso" and args.templates:
         raise CliError("ECSO has one self-check template (ecso_harm_check); --templates is for self_moderation")
+    if args.classifier_judge and args.defense == "ecso":
+        raise CliError("--classifier-judge is for --defense self_moderation (ECSO judges with the model only)")
+    if args.templates == [] and not args.classifier_judge:
+        raise CliError("nothing to calibrate: --templates is empty and no --classifier-judge was given")
 
     from sklearn.metrics import roc_auc_score
 
     from benchmarks.judges import make_judge
     from benchmarks.report import machine_info, markdown_table, write_json
+    from benchmarks.safety import load_classifier
     from guardrails import wrap
     from guardrails.defenses import ECSO, SelfModeration
     from guardrails.defenses._judge_presets import threshold_at_budget, write_preset
     from guardrails.loading import load_for_chat
 
+    # built first, so a bad --classifier-judge fails before the model loads
+    judges: list[tuple[str, str | None, Any]]  # (name, template, defense)
+    if args.defense == "ecso":
+        judges = [("ecso_harm_check", None, ECSO())]
+    else:
+        templates = ["selfmod_judge_followup", "selfmod_judge"] if args.templates is None else args.templates
+        judges = [(t, t, SelfModeration(judge_prompt=t)) for t in templates]
+        for spec in args.classifier_judge:
+            try:
+                judges.append((spec, None, SelfModeration(judge=load_classifier(spec))))
+            except (ValueError, OSError) as e:
+                raise CliError(f"--classifier-judge {spec}: {e}") from e
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     harmful, benign = calibration_prompts(args.harmful, args.benign, args.data)
@@ -133,10 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     complied = [lab.unsafe for lab in make_judge("keyword-jailbreakbench").judge(prompts, answers)]
     nh = len(harmful)
 
-    templates: list[str | None] = [None] if args.defense == "ecso" else (args.templates or ["selfmod_judge_followup", "selfmod_judge"])
     sweep: list[_Sweep] = []
-    for template in templates:
-        defense = ECSO() if template is None else SelfModeration(judge_prompt=template)  # templates is [None] for ECSO
+    for name, template, defense in judges:
         scores = judge_scores(defense, bare, prompts, answers, args.batch_size)
         pos = [s for s, c in zip(scores[:nh], complied[:nh]) if c]  # harmful prompts the model answered
         neg = [s for s, c in zip(scores[nh:], complied[nh:]) if c]  # benign prompts it answered
@@ -144,24 +166,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # how well the judge separates the model's harmful answers from its benign ones, at any threshold
         auroc = float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)) if pos and neg else None
         at_half = {"threshold": 0.5, "harmful_flagged": sum(s >= 0.5 for s in pos), "benign_flagged": sum(s >= 0.5 for s in neg)}
-        sweep.append({"template": template, "choice": choice.to_dict(), "auroc": auroc, "at_default_threshold": at_half,
+        sweep.append({"template": template, "judge": name, "choice": choice.to_dict(), "auroc": auroc, "at_default_threshold": at_half,
                       "scores": scores})
-        print(f"[calibrate_judge] {template or 'ecso_harm_check'}: threshold {choice.threshold:.4g} flags "
+        print(f"[calibrate_judge] {name}: threshold {choice.threshold:.4g} flags "
               f"{choice.harmful_flagged}/{choice.harmful} answered harmful, {choice.benign_flagged}/{choice.benign} benign "
               f"(0.5 flags {at_half['harmful_flagged']} and {at_half['benign_flagged']}; AUROC {auroc})", file=sys.stderr)
-    best = max(sweep, key=lambda r: (r["choice"]["harmful_flagged"], -r["choice"]["benign_flagged"]))
-    rows = [[r["template"] or "ecso_harm_check", f"{r['choice']['threshold']:.4g}",
+    # a preset ships in the package: its judge is the model's own or the shipped detector, never a local folder
+    shippable = [r for r in sweep if r["judge"] == SHIPPED_DETECTOR or not r["judge"].startswith("classifier:")]
+    best = max(shippable or sweep, key=lambda r: (r["choice"]["harmful_flagged"], -r["choice"]["benign_flagged"]))
+    rows = [[r["judge"], f"{r['choice']['threshold']:.4g}",
              f"{r['choice']['harmful_flagged']}/{r['choice']['harmful']}", f"{r['choice']['benign_flagged']}/{r['choice']['benign']}",
              f"{r['at_default_threshold']['harmful_flagged']}/{r['choice']['harmful']}",
              f"{r['at_default_threshold']['benign_flagged']}/{r['choice']['benign']}"] for r in sweep]
     for row, r in zip(rows, sweep):
         row.append("-" if r["auroc"] is None else f"{r['auroc']:.3f}")
-    table = markdown_table(["template", "chosen threshold", "answered harmful flagged", "benign flagged (added refusals)",
+    table = markdown_table(["judge", "chosen threshold", "answered harmful flagged", "benign flagged (added refusals)",
                             "harmful flagged at 0.5", "benign flagged at 0.5", "AUROC"], rows)
     command = "python -m benchmarks.calibrate_judge " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write-preset")
     record: dict[str, Any] = {
-        "defense": args.defense, "model": args.model,
-        "config": {"threshold": best["choice"]["threshold"], **({"judge_prompt": best["template"]} if best["template"] else {})},
+        "defense": args.defense, "model": args.model, "judge": best["judge"],
+        "config": {"threshold": best["choice"]["threshold"], **({"judge_prompt": best["template"]} if best["template"] else {}),
+                   **({"judge": "default"} if best["judge"] == SHIPPED_DETECTOR else {})},
         "calibration": {
             "rule": f"most answered-harmful flagged with at most {args.max_added_refusal:g} of the benign prompts flagged",
             "choice": best["choice"], "sweep": [{k: v for k, v in r.items() if k != "scores"} for r in sweep],
@@ -175,10 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     write_json(out / "calibration.json", {**record, "prompts": prompts, "answers": answers, "complied": complied,
-                                          "scores": {r["template"] or "ecso_harm_check": r["scores"] for r in sweep}})
+                                          "scores": {r["judge"]: r["scores"] for r in sweep}})
     (out / "calibration.md").write_text(table)
     print(table)
     if args.write_preset:
+        if not shippable:
+            raise CliError("no preset is written: a preset ships in the package, so its judge is one of the model's templates "
+                           f"or {SHIPPED_DETECTOR}, and this run calibrated only {', '.join(args.classifier_judge)}")
         if best["choice"]["harmful_flagged"] == 0:
             raise CliError(f"no threshold within the budget flags any harmful prompt the model answered (judge AUROC "
                            f"{best['auroc']}): this judge cannot tell them from benign answers on this model, so no "

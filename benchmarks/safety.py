@@ -171,6 +171,16 @@ def load_model(model: str, *, device: str = "cpu", dtype: str = "auto") -> tuple
     return m.to(device), proc
 
 
+def load_classifier(name: str) -> Any:
+    """The detector ``classifier:default`` (the shipped one) or ``classifier:DIR`` (saved by train-detector) names."""
+    from guardrails.classifiers.default import load_default_detector, load_detector
+
+    target = name.split(":", 1)[1] if name.startswith("classifier:") else ""
+    if not target:
+        raise ValueError(f"{name!r} names no detector: use classifier:default or classifier:DIR")
+    return load_default_detector() if target == "default" else load_detector(expand_user(target))
+
+
 def build_judge(name: str, *, device: str = "cpu") -> Any:
     """A judge by CLI name: a registered zero-argument judge, ``llm:ID_OR_PATH`` (any causal LM), or
     ``classifier:default`` / ``classifier:DIR`` (the shipped detector, or one saved by train-detector)."""
@@ -181,12 +191,7 @@ def build_judge(name: str, *, device: str = "cpu") -> Any:
         model, proc = load_model(target, device=device)
         return LLMJudge(model, getattr(proc, "tokenizer", proc), name=name)
     if name.startswith("classifier:"):
-        from guardrails.classifiers.default import load_default_detector, load_detector
-
-        target = name.split(":", 1)[1]
-        if not target:
-            raise ValueError("judge 'classifier:' needs a detector: classifier:default or classifier:DIR")
-        detector = load_default_detector() if target == "default" else load_detector(expand_user(target))
+        detector = load_classifier(name)
         # Its own operating threshold when it has one (the shipped head does), else 0.5.
         return ClassifierJudge(detector, threshold=float(getattr(detector, "threshold", 0.5)), name=name)
     if name not in JUDGES:

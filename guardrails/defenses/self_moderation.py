@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import prompts
@@ -55,6 +56,25 @@ def _template(value: Any, arg: str) -> prompts.PromptTemplate:
     if extra:
         raise ValueError(f"{arg} {template.name!r} has fields {sorted(extra)}; SelfModeration fills only query and response")
     return template
+
+
+def _named_judge(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with a ``judge`` given by name (a spec or a preset: ``default`` or a folder)
+    replaced by the loaded text detector."""
+    name = options.get("judge")
+    if not isinstance(name, str):
+        return options
+    from guardrails.classifiers.hidden_probe import HiddenStateProbe
+    from guardrails.defenses.protector import load_detector
+
+    if name != "default" and not Path(name).is_dir():
+        raise ValueError(f"judge={name!r} is neither 'default' (the shipped detector) nor a detector folder; "
+                         "in Python pass any HarmClassifier as judge=")
+    judge = load_detector(name)
+    if isinstance(judge, HiddenStateProbe):
+        raise ValueError(f"judge={name!r} is a hidden-state probe; SelfModeration's judge reads the answer's text: "
+                         "pass judge=default or a text detector's folder (train-detector)")
+    return {**options, "judge": judge}
 
 
 @dataclass(frozen=True)
@@ -125,14 +145,16 @@ class SelfModeration(Defense):
 
     @classmethod
     def preset(cls, model: str, **options: Any) -> SelfModeration:
-        """The judge threshold and template calibrated for a fetched model (``presets/self_moderation``),
-        e.g. ``SelfModeration.preset("qwen2.5-coder-0.5b-instruct")``; ``options`` override them."""
-        return cls(**{**load_preset("self_moderation", model)["config"], **options})
+        """The judge, threshold and template calibrated for a fetched model (``presets/self_moderation``),
+        e.g. ``SelfModeration.preset("qwen2.5-coder-0.5b-instruct")``; ``options`` override them. A
+        preset's ``judge`` is a detector name (``"default"``: the shipped one), loaded here."""
+        return cls(**_named_judge({**load_preset("self_moderation", model)["config"], **options}))
 
     @classmethod
     def from_spec(cls, preset: str | None = None, **options: Any) -> SelfModeration:
-        """Spec options: ``self_moderation:preset=MODEL`` or the constructor's (``threshold=0.7,rounds=1``)."""
-        return cls.preset(preset, **options) if preset is not None else cls(**options)
+        """Spec options: ``self_moderation:preset=MODEL`` or the constructor's (``threshold=0.7,rounds=1``);
+        ``judge=default|DIR`` judges with the shipped detector or a text detector saved in DIR."""
+        return cls.preset(preset, **options) if preset is not None else cls(**_named_judge(options))
 
     def score_answers(self, guarded: Any, conversations: list[Any], answers: list[str]) -> list[float]:
         """P(unsafe) of the first judgement of each (conversation, answer), outside a guarded call:
