@@ -28,6 +28,7 @@ The bare answers are cached in ``--out``: a rerun with other templates or budget
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -68,24 +69,38 @@ def calibration_prompts(n_harmful: int, n_benign: int, data: str | None) -> tupl
     return harmful, benign
 
 
-def bare_answers(guarded: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, cache: Path) -> list[str]:
-    """The bare model's greedy answers, cached per prompt in ``cache`` (JSON lines)."""
-    done: dict[str, str] = {}
+def setup_key(defenses: Sequence[Any]) -> str:
+    """What a cached answer depends on besides prompt and length: the defenses' classes and settings ("" for bare)."""
+    if not defenses:
+        return ""
+    desc = [[type(d).__name__, d.config.to_dict() if hasattr(d, "config") else None] for d in defenses]
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_answers(guarded: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int, cache: Path,
+                   label: str = "bare") -> list[dict[str, Any]]:
+    """Greedy answers (``{"answer", "refused"}`` per prompt) of ``guarded``, cached per prompt in ``cache`` (JSON lines).
+
+    A cached row is reused only for the same length and the same defenses and settings (``setup_key``).
+    """
+    setup = setup_key(guarded.defenses)
+    done: dict[str, dict[str, Any]] = {}
     if cache.is_file():
         for line in cache.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            if row["max_new_tokens"] == max_new_tokens:
-                done[row["prompt"]] = row["answer"]
+            if row["max_new_tokens"] == max_new_tokens and row.get("setup", "") == setup:
+                done[row["prompt"]] = {"answer": row["answer"], "refused": row.get("refused", False)}
     todo = [p for p in dict.fromkeys(prompts) if p not in done]
     with cache.open("a", encoding="utf-8") as f:
         for k in range(0, len(todo), batch_size):
             batch = todo[k:k + batch_size]
             results = guarded.chat([[{"role": "user", "content": p}] for p in batch], max_new_tokens=max_new_tokens, do_sample=False)
             for p, r in zip(batch, results):
-                done[p] = r.text
-                f.write(json.dumps({"prompt": p, "answer": r.text, "max_new_tokens": max_new_tokens}) + "\n")
+                done[p] = {"answer": r.text, "refused": r.refused}
+                f.write(json.dumps({"prompt": p, "answer": r.text, "refused": r.refused, "max_new_tokens": max_new_tokens,
+                                    "setup": setup}) + "\n")
             f.flush()
-            print(f"[calibrate_judge] answered {min(k + batch_size, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
+            print(f"[{label}] answered {min(k + batch_size, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
     return [done[p] for p in prompts]
 
 
@@ -153,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, processor = load_for_chat(args.model, dtype=args.dtype, progress=lambda line: print(line, file=sys.stderr))
     bare = wrap(model, processor, [])
     prompts = harmful + benign
-    answers = bare_answers(bare, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, cache=out / "answers.jsonl")
+    answers = [r["answer"] for r in cached_answers(bare, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                                   cache=out / "answers.jsonl")]
     complied = [lab.unsafe for lab in make_judge("keyword-jailbreakbench").judge(prompts, answers)]
     nh = len(harmful)
 

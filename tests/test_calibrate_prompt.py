@@ -1,0 +1,115 @@
+"""benchmarks.calibrate_prompt: the budget rule, the per-setup answer cache, and a run end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import calibrate_prompt as cp
+from benchmarks.calibrate_judge import cached_answers, setup_key
+from guardrails.defense import Defense
+from guardrails.results import Verdict
+
+
+def _row(spec, harmful_answered, benign_refused, harmful=50, benign=100):
+    return {"defenses": spec, "harmful": harmful, "harmful_answered": harmful_answered, "benign": benign,
+            "benign_refused": benign_refused}
+
+
+def test_choose_the_fewest_harmful_answered_within_the_budget():
+    rows = [_row("none", 30, 10), _row("a", 20, 12), _row("b", 5, 13), _row("c", 25, 10), _row("d", 20, 11)]
+    assert cp.choose(rows, 0.02)["defenses"] == "d"  # b answers fewer but refuses 3 more benign (> 2 of 100); a ties d on harm, refuses more
+    assert cp.choose(rows, 0.03)["defenses"] == "b"  # the budget is inclusive
+    assert cp.choose(rows, 0.0)["defenses"] == "c"
+    # nothing below bare within the budget: no choice, even when a candidate is within it
+    assert cp.choose([_row("none", 30, 10), _row("a", 30, 10), _row("b", 10, 40)], 0.02) is None
+    assert cp.within_budget(_row("a", 0, 12), _row("none", 0, 10), 0.02) and not cp.within_budget(_row("a", 0, 13), _row("none", 0, 10), 0.02)
+
+
+class _Guarded:
+    """Counts generations; answers are the prompt reversed."""
+
+    def __init__(self, defenses):
+        self.defenses, self.generated = defenses, 0
+
+    def chat(self, convs, **kw):
+        self.generated += len(convs)
+        return [type("R", (), {"text": c[0]["content"][::-1], "refused": False})() for c in convs]
+
+
+def test_cached_answers_are_reused_only_for_the_same_setup_and_length(tmp_path):
+    from guardrails.defenses import SafetySystemPrompt
+
+    cache, prompts = tmp_path / "a.jsonl", ["p1", "p2", "p3"]
+    g = _Guarded([SafetySystemPrompt("default")])
+    first = cached_answers(g, prompts, max_new_tokens=4, batch_size=2, cache=cache)
+    assert [r["answer"] for r in first] == ["1p", "2p", "3p"] and g.generated == 3
+    g2 = _Guarded([SafetySystemPrompt("default")])
+    assert cached_answers(g2, prompts, max_new_tokens=4, batch_size=2, cache=cache) == first and g2.generated == 0
+    for other, tokens in ((_Guarded([SafetySystemPrompt("detailed")]), 4), (_Guarded([SafetySystemPrompt("default")]), 5),
+                          (_Guarded([]), 4)):
+        cached_answers(other, prompts, max_new_tokens=tokens, batch_size=2, cache=cache)
+        assert other.generated == 3  # another prompt text, length or the bare model: nothing reused
+    assert setup_key([]) == "" and setup_key([SafetySystemPrompt("default")]) != setup_key([SafetySystemPrompt("default", "prefix")])
+
+
+class CalibRefuser(Defense):
+    """Refuses every harmful calibration prompt and the first ``benign`` benign ones (set by the test)."""
+
+    HARMFUL: frozenset[str] = frozenset()
+    BENIGN: tuple[str, ...] = ()
+
+    def __init__(self, benign: int = 0):
+        super().__init__()
+        self.refuse = self.HARMFUL | set(self.BENIGN[:int(benign)])
+
+    def _before(self, ctx, rows):
+        out = []
+        for r in rows:
+            hit = r.conversation[-1]["content"][0]["text"] in self.refuse
+            if hit:
+                r.refuse("I'm sorry, I cannot help with that.", by=self.name)
+            out.append(Verdict(flagged=hit, action="refuse" if hit else "pass"))
+        return out
+
+
+def test_calibrate_prompt_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    import guardrails.spec as spec
+    from benchmarks.calibrate_judge import calibration_prompts
+    from guardrails.data import shared_data_dir
+
+    if shared_data_dir() is None:  # the calibration prompts include StrongREJECT from ../shared/data
+        pytest.skip("../shared/data (StrongREJECT) is absent: set $GUARDRAILS_DATA or put the shared folder beside the repo")
+    harmful, benign = calibration_prompts(4, 4, None)
+    monkeypatch.setattr(CalibRefuser, "HARMFUL", frozenset(harmful))
+    monkeypatch.setattr(CalibRefuser, "BENIGN", tuple(benign))
+    monkeypatch.setitem(spec.REGISTRY, "calib_refuser", f"{__name__}:CalibRefuser")
+    out = tmp_path / "run"
+    args = ["--model", "tiny:qwen2", "--dtype", "auto", "--harmful", "4", "--benign", "4", "--max-new-tokens", "3",
+            "--max-added-refusal", "0", "--out", str(out), "--candidates", "calib_refuser:benign=4", "calib_refuser"]
+    assert cp.main(args) == 0
+    record = json.loads((out / "calibration.json").read_text())
+    bare, everything, harmful_only = record["rows"]
+    assert bare["harmful_answered"] > 0 and bare["benign_refused"] < 4  # a random model refuses nothing by itself
+    assert everything["harmful_answered"] == harmful_only["harmful_answered"] == 0 and everything["benign_refused"] == 4
+    assert harmful_only["benign_refused"] == bare["benign_refused"]  # same model, same greedy answers where it passes
+    assert record["chosen"] == "calib_refuser"
+    assert record["per_defense"]["calib_refuser"]["refused_by_defense"] == [True] * 4 + [False] * 4
+    assert "**chosen**" in (out / "calibration.md").read_text()
+    # a rerun generates nothing: every answer comes from the per-candidate caches
+    sizes = {p.name: p.stat().st_size for p in Path(out).glob("answers*.jsonl")}
+    assert len(sizes) == 3 and cp.main(args) == 0
+    assert {p.name: p.stat().st_size for p in Path(out).glob("answers*.jsonl")} == sizes
+    # nothing helps within the budget: no choice, said in the table's verdict
+    assert cp.main([*args[:-2], "calib_refuser:benign=4"]) == 0
+    assert json.loads((out / "calibration.json").read_text())["chosen"] is None
+    assert "none is chosen" in (out / "calibration.md").read_text()
+
+
+def test_calibrate_prompt_errors(tmp_path):
+    base = ["--model", "tiny:qwen2", "--out", str(tmp_path)]
+    assert cp.main([*base, "--candidates", "none"]) == 2
+    assert cp.main([*base, "--candidates", "system_promt"]) == 2  # a typo is refused before the model loads
+    assert cp.main([*base, "--max-added-refusal", "1"]) == 2
