@@ -112,6 +112,17 @@ def judge_scores(defense: Any, guarded: Any, prompts: list[str], answers: list[s
     return out
 
 
+def add_calibration_args(p: ArgumentParser) -> None:
+    """The calibration split's size, generation settings and output folder (shared with calibrate_prompt)."""
+    p.add_argument("--harmful", type=positive_int, default=100, help="harmful calibration prompts")
+    p.add_argument("--benign", type=positive_int, default=160, help="benign calibration prompts (half of them hard negatives)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--data", help="the shared data folder (default: ../shared/data or $GUARDRAILS_DATA)")
+    p.add_argument("--out", required=True)
+
+
 @entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m benchmarks.calibrate_judge", description=__doc__.splitlines()[0])
@@ -122,13 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--templates", nargs="*", default=None,
                    help="SelfModeration judge templates to compare (default: selfmod_judge_followup selfmod_judge)")
     p.add_argument("--max-added-refusal", type=float, default=0.02, help="share of benign prompts the judge may flag (default 0.02)")
-    p.add_argument("--harmful", type=positive_int, default=100, help="harmful calibration prompts")
-    p.add_argument("--benign", type=positive_int, default=160, help="benign calibration prompts (half of them hard negatives)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--data", help="the shared data folder (default: ../shared/data or $GUARDRAILS_DATA)")
-    p.add_argument("--out", required=True)
+    add_calibration_args(p)
     p.add_argument("--write-preset", action="store_true", help="write the choice as the model's shipped preset")
     args = p.parse_args(argv)
     if not 0 <= args.max_added_refusal < 1:

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from guardrails._cli import ArgumentParser, CliError, entry_point, positive_int
+from benchmarks.calibrate_judge import add_calibration_args
+from guardrails._cli import ArgumentParser, CliError, entry_point
 
 #: the text-model system-prompt presets with the placement each was written for (``vision`` is for images)
 CANDIDATES = ("system_prompt", "system_prompt:preset=detailed", "system_prompt:preset=mmsafetybench,placement=prefix",
@@ -58,13 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), metavar="SPEC",
                    help="defense specs to compare against bare (default: the text system-prompt presets)")
     p.add_argument("--max-added-refusal", type=float, default=0.02, help="share of benign prompts a candidate may newly refuse (default 0.02)")
-    p.add_argument("--harmful", type=positive_int, default=100, help="harmful calibration prompts")
-    p.add_argument("--benign", type=positive_int, default=160, help="benign calibration prompts (half of them hard negatives)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--data", help="the shared data folder (default: ../shared/data or $GUARDRAILS_DATA)")
-    p.add_argument("--out", required=True)
+    add_calibration_args(p)
     args = p.parse_args(argv)
     if not 0 <= args.max_added_refusal < 1:
         raise CliError(f"--max-added-refusal is a share in [0, 1), got {args.max_added_refusal}")
