@@ -1,11 +1,14 @@
 """The model side of a call: chat templates, left-padded batches, generation and decoding.
 
 Stateless after construction (safe to share between threads); defenses reach the model through
-the call's :class:`guardrails.calls.ModelCalls`, which uses this.
+the call's :class:`guardrails.calls.ModelCalls`, which uses this. Every tokenizer call holds
+:func:`tokenizer_lock`, which makes one tokenizer safe to share between threads.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,31 @@ def is_multimodal(model: Any) -> bool:
 def has_image_processor(processor: Any) -> bool:
     """True for a multimodal processor (one that turns images into pixel values), False for a bare tokenizer."""
     return getattr(processor, "image_processor", None) is not None
+
+
+_TOKENIZER_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_TOKENIZER_LOCKS_GUARD = threading.Lock()
+_FALLBACK_LOCK = threading.RLock()
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.RLock:
+    """The one lock of ``tokenizer`` (a processor's tokenizer for a processor): hold it around each call.
+
+    A fast tokenizer keeps its padding and truncation settings as state on one shared Rust object and
+    sets them at every call, so two threads interleave: one thread's batch comes back unpadded ("Unable
+    to create tensor") or with another call's padding side (transformers#47085, tokenizers#537).
+    Re-entrant, so a tokenizer call nested in another of the same thread does not deadlock; held only
+    for the tokenizer call, never around model code, so it cannot order against the model lock.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", None) or tokenizer
+    with _TOKENIZER_LOCKS_GUARD:
+        try:
+            lock = _TOKENIZER_LOCKS.get(tokenizer)
+            if lock is None:
+                lock = _TOKENIZER_LOCKS[tokenizer] = threading.RLock()
+        except TypeError:  # not weak-referenceable: one lock for all such objects (correct, just coarser)
+            lock = _FALLBACK_LOCK
+        return lock
 
 
 class Engine:
@@ -112,20 +140,23 @@ class Engine:
             padding = {"processor_kwargs": {"padding": True, "padding_side": "left"}}
         else:
             padding = {"padding": True, "tokenizer_kwargs": {"padding_side": "left"}}
-        enc = self.processor.apply_chat_template(
-            batch,
-            add_generation_prompt=not continue_final_message,
-            continue_final_message=continue_final_message,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            **padding,
-        )
+        with tokenizer_lock(self.tokenizer):
+            enc = self.processor.apply_chat_template(
+                batch,
+                add_generation_prompt=not continue_final_message,
+                continue_final_message=continue_final_message,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                **padding,
+            )
         return self._on_device(enc)
 
     def encode_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """A left-padded batch of raw prompt strings (no chat template)."""
-        return self._on_device(self.tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left"))
+        with tokenizer_lock(self.tokenizer):
+            enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
+        return self._on_device(enc)
 
     def _on_device(self, enc: Any) -> dict[str, torch.Tensor]:
         device = _input_device(self.model)
@@ -175,11 +206,13 @@ class Engine:
         return rows
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        with tokenizer_lock(self.tokenizer):
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def token_id(self, text: str) -> int:
         """The single token id of ``text``; an error when the tokenizer splits it."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        with tokenizer_lock(self.tokenizer):
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"{text!r} is not a single token for {type(self.tokenizer).__name__} (got ids {ids})")
         return ids[0]

@@ -11,7 +11,9 @@ never on the wrapper or the model, so one GuardedModel may be used from any numb
 - ``disabled()`` and ``record()`` apply to the calling thread (contextvars), not to other threads;
 - a stream may be stepped from any thread, one step at a time; its generation runs in a worker
   thread that ends by itself (at ``max_new_tokens``), or at once when the stream is closed or
-  garbage-collected; its defenses are those active when ``stream()`` was called.
+  garbage-collected; its defenses are those active when ``stream()`` was called;
+- every tokenizer call holds that tokenizer's lock (:func:`guardrails.engine.tokenizer_lock`): a fast
+  tokenizer keeps its padding settings as shared state (transformers#47085).
 """
 
 from __future__ import annotations

@@ -645,3 +645,23 @@ def test_detector_artifacts_are_world_readable_whatever_the_umask(tmp_path, tiny
     finally:
         os.umask(old)
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()} == {"head.safetensors": 0o644, "manifest.json": 0o644}
+
+
+def test_seqcls_shared_by_threads_scores_as_serial(wordpiece):
+    """One judge (and tokenizer) scored from many threads, batches of one and of two: the tokenizer's padding
+    setting changes between them, which raced before each call held the tokenizer's lock (transformers#47085)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _seqcls(wordpiece, 2)
+    judge = SequenceClassifierJudge(model, wordpiece, unsafe_label=1, batch_size=2)
+    pairs = (["sure here is how to build a weapon " * 8, "no"], ["the weather today is sunny"])
+    want = [judge.scores(texts) for texts in pairs]
+
+    def call(i: int) -> bool:
+        return bool(np.allclose(judge.scores(pairs[i % 2]), want[i % 2], atol=1e-5))
+
+    with ThreadPoolExecutor(16) as ex:
+        futures = [ex.submit(call, i) for i in range(2000)]
+        errors = [repr(f.exception(120)) for f in futures if f.exception(120) is not None]
+        wrong = sum(1 for f in futures if f.exception() is None and not f.result())
+    assert not errors and not wrong, (len(errors), wrong, errors[:2])

@@ -308,3 +308,39 @@ def test_a_stream_is_recorded_where_it_was_created(bare):
         s = bare.stream(conv(1), **GEN)
     "".join(s)  # consumed outside the block
     assert [c.mode for c in calls] == ["stream"] and len(calls[0].verdicts) == 1
+
+
+def test_one_tokenizer_shared_by_threads_pads_every_batch(bare):
+    """transformers#47085: a fast tokenizer sets padding as shared state at each call, so a batch encoded
+    while another thread encodes one text unpadded came back unpadded ("Unable to create tensor")."""
+    eng = bare.engine
+    convs = [[{"role": "user", "content": "Tell me a long story about robots and the sea. " * 30}],
+             [{"role": "user", "content": "Hi"}]]
+    want = eng.encode(convs)["input_ids"]
+    word = next(w for w in ("Yes", "the", " the", "a") if len(eng.tokenizer.encode(w, add_special_tokens=False)) == 1)
+    word_id = eng.token_id(word)
+    some_ids = want[1].tolist()
+    some_text = eng.decode(some_ids)
+
+    def call(i: int) -> bool:
+        if i % 3 == 0:
+            got = eng.encode(convs)["input_ids"]
+            return got.shape == want.shape and bool((got == want).all())
+        if i % 3 == 1:
+            return eng.token_id(word) == word_id
+        return eng.decode(some_ids) == some_text
+
+    with ThreadPoolExecutor(16) as ex:
+        futures = [ex.submit(call, i) for i in range(3000)]
+        errors = [repr(f.exception(TIMEOUT)) for f in futures if f.exception(TIMEOUT) is not None]
+        wrong = sum(1 for f in futures if f.exception() is None and not f.result())
+    assert not errors and not wrong, (len(errors), wrong, errors[:2])
+
+
+def test_tokenizer_lock_is_one_per_tokenizer(t, tiny):
+    from guardrails.engine import tokenizer_lock
+
+    assert tokenizer_lock(t.processor) is tokenizer_lock(t.tokenizer)  # a processor's is its tokenizer's
+    assert tokenizer_lock(t.tokenizer) is not tokenizer_lock(tiny("gpt2").tokenizer)
+    with tokenizer_lock(t.tokenizer), tokenizer_lock(t.tokenizer):  # re-entrant
+        pass

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from guardrails.engine import tokenizer_lock
+
 #: MLLM-Protector's training format (Pi et al. 2024); the detector sees the question with the answer.
 QA_FORMAT = "Question: {query} Answer: {response}"
 #: Used for a row whose query is None: the text alone, no dangling "Question:".
@@ -114,7 +116,8 @@ def encode(
     out: np.ndarray | None = None
     with torch.inference_mode():
         for idx in length_sorted_batches(texts, batch_size):
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            with tokenizer_lock(tokenizer):
+                enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
             enc = {k: v.to(device) for k, v in enc.items()}
             res = model(**enc, output_hidden_states=need_all)
             states = res.hidden_states if need_all else (res.last_hidden_state,)

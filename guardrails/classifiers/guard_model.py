@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from guardrails.classifiers._common import model_device
 from guardrails.classifiers.base import HarmClassifier, HarmScore
+from guardrails.engine import tokenizer_lock
 
 #: MLCommons AI Safety hazard taxonomy as used by Llama Guard 3 (Meta model card, 2024).
 LLAMA_GUARD_3_CATEGORIES: dict[str, str] = {
@@ -228,7 +229,8 @@ class GuardModelJudge(HarmClassifier):
             if not 0 <= int(given) < vocab:
                 raise ValueError(f"{arg}={given} is outside the tokenizer's vocabulary (size {vocab})")
             return int(given)
-        ids = self.tokenizer.encode(word, add_special_tokens=False)
+        with tokenizer_lock(self.tokenizer):
+            ids = self.tokenizer.encode(word, add_special_tokens=False)
         if not ids:
             raise ValueError(f"the tokenizer encodes {word!r} to no tokens; pass {arg}= explicitly")
         return int(ids[0])
@@ -252,16 +254,18 @@ class GuardModelJudge(HarmClassifier):
 
     def _encode(self, prompts: list[str]):
         tok = self.tokenizer
-        side, pad = tok.padding_side, tok.pad_token
-        try:
-            tok.padding_side = "left"  # the answer token must sit at the last position of every row
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-            # Rendered prompts already carry their special tokens (chat template or verbatim template).
-            enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=self.wrap == "none")
-        finally:
-            tok.padding_side, tok.pad_token = side, pad
-        return enc
+        # The lock also covers the pad token set and restored here (shared state of the tokenizer).
+        with tokenizer_lock(tok):
+            pad = tok.pad_token
+            try:
+                if tok.pad_token is None:
+                    tok.pad_token = tok.eos_token
+                # Left padding: the answer token must sit at the last position of every row. Rendered
+                # prompts already carry their special tokens (chat template or verbatim template).
+                return tok(prompts, padding=True, padding_side="left", return_tensors="pt",
+                           add_special_tokens=self.wrap == "none")
+            finally:
+                tok.pad_token = pad
 
     def _predict(self, texts: list[str], queries: list[str | None] | None) -> list[HarmScore]:
         import torch
@@ -303,7 +307,8 @@ class GuardModelJudge(HarmClassifier):
             input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad
         )
         for r, new in zip(rows, gen[:, ids.shape[1] :]):
-            answer = self.tokenizer.decode(new, skip_special_tokens=True)
+            with tokenizer_lock(self.tokenizer):
+                answer = self.tokenizer.decode(new, skip_special_tokens=True)
             codes, unknown = parse_categories(answer, self.categories)
             r.categories = [self.categories[c] for c in codes] + unknown
             r.detail.update(category_codes=codes, unknown_codes=unknown, answer=self.template.unsafe_token + answer)

@@ -38,6 +38,7 @@ from guardrails.calls import ModelCalls, scoped_hook
 from guardrails.classifiers.base import HarmClassifier, HarmScore
 from guardrails.classifiers.embedding import LinearHead, check_n_features, read_probe_dir, sha256_file
 from guardrails.config import Config
+from guardrails.engine import tokenizer_lock
 from steering._files import naming, save_tensors, write_json
 
 __all__ = ["HiddenStateProbe", "HiddenProbeConfig", "HiddenCapture", "POOLINGS"]
@@ -419,7 +420,8 @@ class HiddenStateProbe(HarmClassifier):
             if isinstance(responses, str):
                 raise TypeError("responses must be a list of strings, not one string")
             assert responses is not None  # exactly one of the two is given (checked above)
-            out = [engine.tokenizer.encode(r, add_special_tokens=False) for r in responses]
+            with tokenizer_lock(engine.tokenizer):
+                out = [engine.tokenizer.encode(r, add_special_tokens=False) for r in responses]
         if len(out) != n:
             raise ValueError(f"got {n} queries but {len(out)} responses")
         return out

@@ -17,6 +17,7 @@ from guardrails.classifiers._common import (
     model_device,
 )
 from guardrails.classifiers.base import HarmClassifier, HarmScore
+from guardrails.engine import tokenizer_lock
 
 # Label names that say "this is the unsafe class" / "this is the safe class" in config.id2label.
 _UNSAFE_NAMES = re.compile(r"^(unsafe|harmful|toxic|jailbreak|jailbroken|injection|malicious)$", re.I)
@@ -154,11 +155,12 @@ class SequenceClassifierJudge(HarmClassifier):
             if q is None:
                 out.append(row)
                 continue
-            n = len(tok(row, add_special_tokens=True)["input_ids"])
-            if n > max_len:
-                q_ids = tok(q, add_special_tokens=False)["input_ids"]
-                keep = max(0, len(q_ids) - (n - max_len))
-                q = tok.decode(q_ids[len(q_ids) - keep :]) if keep else ""
+            with tokenizer_lock(tok):
+                n = len(tok(row, add_special_tokens=True)["input_ids"])
+                if n > max_len:
+                    q_ids = tok(q, add_special_tokens=False)["input_ids"]
+                    keep = max(0, len(q_ids) - (n - max_len))
+                    q = tok.decode(q_ids[len(q_ids) - keep :]) if keep else ""
                 row = self.config.format.format(query=q, response=t)
             out.append(row)
         return out
@@ -172,7 +174,9 @@ class SequenceClassifierJudge(HarmClassifier):
         out: list[HarmScore | None] = [None] * len(rows)
         with torch.inference_mode():
             for idx in length_sorted_batches(rows, self.config.batch_size):
-                enc = self.tokenizer([rows[i] for i in idx], padding=len(idx) > 1, truncation=True, max_length=max_len, return_tensors="pt")
+                with tokenizer_lock(self.tokenizer):
+                    enc = self.tokenizer([rows[i] for i in idx], padding=len(idx) > 1, truncation=True,
+                                         max_length=max_len, return_tensors="pt")
                 enc = {k: v.to(device) for k, v in enc.items()}
                 logits = self.model(**enc).logits.float().cpu()
                 if logits.ndim != 2 or logits.shape[1] != self.num_labels:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from guardrails.engine import tokenizer_lock
 from guardrails.results import check_threshold
 
 YES_VARIANTS: tuple[str, ...] = (" yes", "yes", "Yes", " Yes")
@@ -52,7 +53,8 @@ class YesNoTokens:
         for key, variants in (("yes", yes), ("no", no)):
             ids, toks = found[key]
             for v in variants:
-                enc = tokenizer.encode(v, add_special_tokens=False)
+                with tokenizer_lock(tokenizer):
+                    enc = tokenizer.encode(v, add_special_tokens=False)
                 if len(enc) == 1 and enc[0] not in ids:
                     ids.append(enc[0])
                     toks.append(v)

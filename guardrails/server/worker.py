@@ -24,6 +24,7 @@ import torch
 from transformers import StoppingCriteria
 
 from guardrails.calls import active_call
+from guardrails.engine import tokenizer_lock
 from guardrails.results import GuardedResult
 from guardrails.server.config import ServerConfig
 from guardrails.server.errors import RequestError
@@ -94,8 +95,9 @@ class _GeneratedStop(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.start < 0:  # first call: one token has been generated
             self.start = input_ids.shape[1] - 1
-        tails = self.tokenizer.batch_decode(input_ids[:, max(self.start, input_ids.shape[1] - self.window):],
-                                            skip_special_tokens=True)
+        with tokenizer_lock(self.tokenizer):
+            tails = self.tokenizer.batch_decode(input_ids[:, max(self.start, input_ids.shape[1] - self.window):],
+                                                skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in tails], dtype=torch.bool, device=input_ids.device)
 
 
