@@ -173,12 +173,17 @@ def load_model(model: str, *, device: str = "cpu", dtype: str = "auto") -> tuple
 
 def load_classifier(name: str) -> Any:
     """The detector ``classifier:default`` (the shipped one) or ``classifier:DIR`` (saved by train-detector) names."""
-    from guardrails.classifiers.default import load_default_detector, load_detector
+    from guardrails.classifiers.hidden_probe import HiddenStateProbe
+    from guardrails.defenses.protector import load_detector
 
     target = name.split(":", 1)[1] if name.startswith("classifier:") else ""
     if not target:
         raise ValueError(f"{name!r} names no detector: use classifier:default or classifier:DIR")
-    return load_default_detector() if target == "default" else load_detector(expand_user(target))
+    detector = load_detector(target if target == "default" else str(expand_user(target)))
+    if isinstance(detector, HiddenStateProbe):
+        raise ValueError(f"{name!r} is a hidden-state probe: it reads a chat model's activations, not text, so it "
+                         "cannot judge answers; use classifier:default or a folder saved by train-detector")
+    return detector
 
 
 def build_judge(name: str, *, device: str = "cpu") -> Any:

@@ -232,7 +232,7 @@ def test_classifier_judges_from_the_command_line_name():
         assert bad.unsafe and not good.unsafe and bad.score > good.score, (name, bad, good)
     with pytest.raises(ValueError, match="classifier:default or classifier:DIR"):
         bs.build_judge("classifier:")
-    with pytest.raises(FileNotFoundError, match="train-detector"):
+    with pytest.raises(ValueError, match="neither 'default' nor a folder.*train-detector"):
         bs.build_judge("classifier:/no/such/detector")
 
 

@@ -124,6 +124,11 @@ def test_fit_predict_save_load_roundtrip(tiny, tmp_path):
     unbound = HiddenStateProbe.load(d)
     with pytest.raises(RuntimeError, match="bind"):
         unbound.predict(["x"], ["y"])
+    # It reads activations, not text: a benchmark judge refuses it by name.
+    from benchmarks.safety import build_judge
+
+    with pytest.raises(ValueError, match="hidden-state probe"):
+        build_judge(f"classifier:{d}")
     # A tampered head is refused.
     (d / "head.safetensors").write_bytes((d / "head.safetensors").read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ValueError, match="sha256"):

@@ -680,7 +680,8 @@ def load_detector(spec: str) -> HarmClassifier:
         return loader()
     path = Path(spec)
     if not path.is_dir():
-        raise ValueError(f"detector={spec!r} is neither 'default' nor a folder; pass a folder written by a probe's save()")
+        raise ValueError(f"detector={spec!r} is neither 'default' nor a folder; pass a folder written by "
+                         "`python -m guardrails train-detector` or by a probe's save()")
     from guardrails.classifiers.embedding import read_manifest
     from guardrails.classifiers.hidden_probe import KIND
 
