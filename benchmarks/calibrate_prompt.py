@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.calibrate_judge import add_calibration_args
+from benchmarks.calibrate_judge import add_calibration_args, parse_calibration_args
 from guardrails._cli import ArgumentParser, CliError, entry_point
 
 #: the text-model system-prompt presets with the placement each was written for (``vision`` is for images)
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="defense specs to compare against bare (default: the text system-prompt presets)")
     p.add_argument("--max-added-refusal", type=float, default=0.02, help="share of benign prompts a candidate may newly refuse (default 0.02)")
     add_calibration_args(p)
-    args = p.parse_args(argv)
+    args = parse_calibration_args(p, argv)
     if not 0 <= args.max_added_refusal < 1:
         raise CliError(f"--max-added-refusal is a share in [0, 1), got {args.max_added_refusal}")
     specs = ["none", *dict.fromkeys(args.candidates)]

@@ -102,6 +102,16 @@ def test_calibrate_prompt_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     sizes = {p.name: p.stat().st_size for p in Path(out).glob("answers*.jsonl")}
     assert len(sizes) == 3 and cp.main(args) == 0
     assert {p.name: p.stat().st_size for p in Path(out).glob("answers*.jsonl")} == sizes
+    # --threads takes effect before the model runs (recorded in the machine block); restored after
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # so that 1 can only come from --threads
+        assert cp.main([*args, "--threads", "1"]) == 0
+        assert json.loads((out / "calibration.json").read_text())["machine"]["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
     # nothing helps within the budget: no choice, said in the table's verdict
     assert cp.main([*args[:-2], "calib_refuser:benign=4"]) == 0
     assert json.loads((out / "calibration.json").read_text())["chosen"] is None
