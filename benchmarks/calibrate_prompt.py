@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from benchmarks.calibrate_judge import cached_answers, calibration_prompts
     from benchmarks.judges import make_judge
-    from benchmarks.report import machine_info, markdown_table, rate_ci, write_json
+    from benchmarks.report import Rate, machine_info, markdown_table, rate_ci, write_json
     from guardrails import wrap
     from guardrails.loading import load_for_chat
     from guardrails.spec import build_defenses
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bare = rows[0]
     table = markdown_table(
         ["defenses", "harmful answered (ASR)", "benign refused", "added refusal vs bare", "within budget"],
-        [[f"`{r['defenses']}`", _fmt(r["asr"]), _fmt(r["refusal_benign"]),
+        [[f"`{r['defenses']}`", Rate(**r["asr"]).fmt(), Rate(**r["refusal_benign"]).fmt(),
           "-" if r is bare else f"{100 * (r['benign_refused'] - bare['benign_refused']) / r['benign']:+.1f} points",
           "-" if r is bare else "**chosen**" if r is best else "yes" if within_budget(r, bare, args.max_added_refusal) else "no"]
          for r in rows])
@@ -122,10 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "calibration.md").write_text(f"{table}\n\n{verdict}\n", encoding="utf-8")
     print(f"{table}\n\n{verdict}")
     return 0
-
-
-def _fmt(rate: dict[str, Any]) -> str:
-    return f"{100 * rate['value']:.1f}% [{100 * rate['low']:.1f}, {100 * rate['high']:.1f}] ({rate['k']}/{rate['n']})"
 
 
 if __name__ == "__main__":
