@@ -57,16 +57,35 @@ class _Sweep(TypedDict):
     scores: list[float]
 
 
-def calibration_prompts(n_harmful: int, n_benign: int, data: str | None) -> tuple[list[str], list[str]]:
-    """Harmful and benign prompts (half plain benign, half hard negatives), seeded, disjoint from the evaluation sets."""
+def calibration_prompts(n_harmful: int, n_benign: int, data: str | None, n_short: int = 0) -> tuple[list[str], list[str]]:
+    """Harmful and benign prompts (half plain benign, half hard negatives), seeded, disjoint from the evaluation sets.
+
+    ``n_short`` adds that many more harmful prompts taken only from the authored short questions
+    (see :func:`short_questions`) among the rest of the calibration split, so a run sees enough of
+    the kind of prompt XSTest's unsafe half is made of; 0 keeps the older runs' prompts exactly.
+    """
     from benchmarks.inferaligner_data import splits
 
     s, _ = splits(data)
     harmful = s["calib_harmful"][:n_harmful]
+    if n_short:
+        short = short_questions()
+        extra = [p for p in s["calib_harmful"][n_harmful:] if p in short][:n_short]
+        if len(extra) < n_short:
+            raise CliError(f"--short-harmful {n_short}: the calibration split has only {len(extra)} more authored "
+                           f"short questions after the first {n_harmful} harmful prompts")
+        harmful += extra
     half = n_benign // 2
     benign = s["calib_harmless"][: n_benign - half] + s["hard_negatives"][:half]
     random.Random(0).shuffle(benign)
     return harmful, benign
+
+
+def short_questions() -> frozenset[str]:
+    """The authored harmful prompts: one-line questions (4-18 words) like XSTest's unsafe half, not long requests."""
+    from benchmarks.inferaligner_data import authored
+
+    return frozenset(authored()["harmful"])
 
 
 def setup_key(defenses: Sequence[Any]) -> str:
@@ -116,6 +135,8 @@ def add_calibration_args(p: ArgumentParser) -> None:
     """The calibration split's size, generation settings and output folder (shared with calibrate_prompt)."""
     p.add_argument("--harmful", type=positive_int, default=100, help="harmful calibration prompts")
     p.add_argument("--benign", type=positive_int, default=160, help="benign calibration prompts (half of them hard negatives)")
+    p.add_argument("--short-harmful", type=int, default=0, metavar="N",
+                   help="N more harmful prompts, all authored short questions (default 0: the --harmful ones only)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--dtype", default="float32")
@@ -129,6 +150,8 @@ def add_calibration_args(p: ArgumentParser) -> None:
 def parse_calibration_args(p: ArgumentParser, argv: Sequence[str] | None) -> Any:
     """Parse the command line; ``--threads`` takes effect here, before a model is loaded."""
     args = p.parse_args(argv)
+    if args.short_harmful < 0:
+        raise CliError(f"--short-harmful is a count of prompts, 0 or more; got {args.short_harmful}")
     if args.threads is not None:
         import torch
 
@@ -182,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CliError(f"--classifier-judge {spec}: {e}") from e
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    harmful, benign = calibration_prompts(args.harmful, args.benign, args.data)
+    harmful, benign = calibration_prompts(args.harmful, args.benign, args.data, args.short_harmful)
     model, processor = load_for_chat(args.model, dtype=args.dtype, progress=lambda line: print(line, file=sys.stderr))
     bare = wrap(model, processor, [])
     prompts = harmful + benign

@@ -69,12 +69,19 @@ def evaluation_prompts(data_dir: str | None = None) -> list[str]:
     return [s.prompt for name in EVALUATION_SETS for s in datasets.load_dataset(name, data_dir)]
 
 
+def authored() -> dict[str, list[str]]:
+    """This project's authored prompts by group (harmful, benign, benign_instruction, hard_negative), in file order."""
+    by_group: dict[str, list[str]] = {}
+    for line in AUTHORED.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by_group.setdefault(r["group"], []).append(r["text"])
+    return by_group
+
+
 def splits(data_dir: str | None = None) -> tuple[dict[str, list[str]], dict[str, int]]:
     """The prompt lists (see the module docstring) and how many near-duplicates each source lost."""
-    rows = [json.loads(line) for line in AUTHORED.read_text(encoding="utf-8").splitlines() if line.strip()]
-    by_group: dict[str, list[str]] = {}
-    for r in rows:
-        by_group.setdefault(r["group"], []).append(r["text"])
+    by_group = authored()
     sources = {
         "strongreject": [s.prompt for s in datasets.load_strongreject(data_dir)],
         "harmbench_val": [s.prompt for s in datasets.load_harmbench(data_dir, split="val")],

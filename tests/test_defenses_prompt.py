@@ -184,6 +184,10 @@ def test_batched_rows_and_stream(tiny):
 def test_presets_and_spec():
     assert SafetySystemPrompt().text == prompts.render("system_default")
     assert SafetySystemPrompt("detailed").text == prompts.render("system_detailed")
+    # the default is the earlier one (now `helpful`) without the sentence asking for full answers, which made
+    # Qwen2.5-Coder-0.5B answer more short harmful questions (benchmarks/RESULTS.md, issue 17)
+    helpful = SafetySystemPrompt("helpful").text
+    assert helpful == prompts.render("system_helpful") and helpful.startswith(SafetySystemPrompt().text + " Answer harmless")
     assert SafetySystemPrompt("vision").text == prompts.render("system_vision")
     assert SafetySystemPrompt("adashield").config.source == "preset:adashield"
     assert SafetySystemPrompt("mmsafetybench_safety_prompt").config.source == "prompt:mmsafetybench_safety_prompt"

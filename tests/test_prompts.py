@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "mmsafetybench_safety_prompt", "adashield_static", "ecso_harm_check",
     "ecso_query_aware_caption", "ecso_caption_answer", "mllm_protector_detoxify",
-    "mllm_protector_detoxify_response_only", "system_default", "system_detailed",
+    "mllm_protector_detoxify_response_only", "system_default", "system_helpful", "system_detailed",
     "system_vision", "selfmod_judge", "selfmod_judge_followup", "selfmod_revise", "reveal_image_text", "refusal_default",
     "mmsafetybench_judge_general", "mmsafetybench_judge_political_lobbying",
     "mmsafetybench_judge_legal_opinion", "mmsafetybench_judge_financial_advice",

@@ -23,6 +23,7 @@ from guardrails.results import Verdict
 #: preset name -> prompt template name (``prompts.get``)
 PRESETS: dict[str, str] = {
     "default": "system_default",
+    "helpful": "system_helpful",
     "detailed": "system_detailed",
     "vision": "system_vision",
     "mmsafetybench": "mmsafetybench_safety_prompt",
