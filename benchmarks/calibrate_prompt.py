@@ -132,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  batch_size=args.batch_size, cache=out / cache_name(spec), label=spec)
         harm = {name: answered(j, prompts[:nh], results[:nh]) for name, j in judges.items()}
         benign_refused = [not a for a in answered(refusal, prompts[nh:], results[nh:])]
-        by_judge = {name: harm_rates(a, stratum, f"{spec}/{name}") for name, a in harm.items()}
+        # the refusal judge keeps the bootstrap key of the runs before --judge, so their intervals reproduce
+        by_judge = {name: harm_rates(a, stratum, f"{spec}/harmful" if name == REFUSAL_JUDGE else f"{spec}/{name}")
+                    for name, a in harm.items()}
         row = {"defenses": spec, "harmful": nh, **by_judge[args.judge[0]], "judge": args.judge[0], "by_judge": by_judge,
                "benign": len(benign), "benign_refused": sum(benign_refused),
                "refusal_benign": rate_ci(benign_refused, key=f"{spec}/benign").to_dict()}
